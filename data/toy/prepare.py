@@ -1,0 +1,209 @@
+"""The embedded toy task: synthetic multi-step arithmetic, a tiny Llama, and an imperfect warm start.
+
+Everything a DAPO run needs, built locally in about a minute on 2 CPU cores, and saved exactly as a real
+Hugging Face model is (save_pretrained), so every script loads it with AutoTokenizer / AutoModelForCausalLM.
+
+  python data/toy/prepare.py --out_dir runs/toy
+
+writes out_dir/train.jsonl and out_dir/test.jsonl ({"id", "question", "answer"}: different seeds, no test
+question appears in train) and out_dir/sft/ (tokenizer + warm-started policy).
+
+The task. "Start with 3. Add 4. Multiply by 2. Subtract 5. Keep only the last digit after each step."
+Solution, one step per line, the last step boxing the answer:
+    3+4=7
+    7*2=4
+    4-5=\\boxed{9}
+
+Why the warm start is imperfect. Its supervised data contains a SYSTEMATIC mistake: a product of 10 or
+more is written as its tens digit (7*2=1 instead of 4). It is made with probability `trap_error` > 1/2, so
+the warm start prefers the wrong step and greedy decoding cannot hide it; later steps continue from the
+wrong value, as a student's would. DAPO has to find, from rewards alone, that the other step is better.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from common import DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run, seed_everything, write_jsonl_atomic  # noqa: E402
+
+OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
+# Words get their own tokens (with a leading space), \boxed{ is one token, anything else is one character.
+PRETOKENIZE = r"\\boxed\{| ?[A-Za-z]+|[\s\S]"
+
+
+@dataclasses.dataclass
+class Config:
+    out_dir: str = arg("runs/toy", "where train.jsonl, test.jsonl and sft/ are written")
+    num_train: int = arg(2000, "training questions for rollout / DAPO")
+    num_test: int = arg(300, "held-out test questions (another seed, none equal to a training question)")
+    min_ops: int = arg(2, "fewest operations in a problem")
+    max_ops: int = arg(4, "most operations in a problem")
+    trap_error: float = arg(0.75, "probability that the warm-start data writes the tens digit of a product >= 10")
+    sft_examples: int = arg(40000, "supervised (warm start) examples, drawn fresh with the mistakes above")
+    sft_batch_size: int = arg(128, "warm start batch size")
+    sft_lr: float = arg(3e-3, "warm start peak learning rate")
+    hidden_size: int = arg(128, "tiny Llama width")
+    num_layers: int = arg(3, "tiny Llama depth")
+    num_heads: int = arg(4, "tiny Llama attention heads")
+    instruction: str = arg(DEFAULT_INSTRUCTION, "instruction appended to every question (as for a real model)")
+    seed: int = arg(0, "seed of the warm start; the train / test problems use seed+1 / seed+2")
+
+
+# ----------------------------------------------------------------------------- problems
+def make_problem(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
+    num_ops = rng.randint(CFG.min_ops, CFG.max_ops)
+    ops = []
+    for _ in range(num_ops):
+        op = rng.choice("+-*")
+        ops.append((op, rng.randint(2, 9) if op == "*" else rng.randint(1, 9)))
+    return rng.randint(0, 9), ops
+
+
+def question_text(start: int, ops: list[tuple[str, int]]) -> str:
+    return f"Start with {start}. " + " ".join(OPS[op].format(k=k) for op, k in ops) + " Keep only the last digit after each step."
+
+
+def apply(op: str, a: int, k: int) -> int:
+    return (a + k) % 10 if op == "+" else (a - k) % 10 if op == "-" else (a * k) % 10
+
+
+def is_trap(op: str, a: int, k: int) -> bool:
+    return op == "*" and a * k >= 10
+
+
+def mistake(op: str, a: int, k: int) -> int:
+    return (a * k) // 10  # the tens digit instead of the units digit
+
+
+def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, trap_error: float = 0.0) -> list[str]:
+    """The worked solution; with rng, each trap step is done wrong with probability trap_error."""
+    steps, value = [], start
+    for i, (op, k) in enumerate(ops):
+        new = apply(op, value, k)
+        if rng is not None and is_trap(op, value, k) and rng.random() < trap_error:
+            new = mistake(op, value, k)
+        last = i == len(ops) - 1
+        steps.append(f"{value}{op}{k}=" + (f"\\boxed{{{new}}}" if last else f"{new}\n"))
+        value = new
+    return steps
+
+
+def make_split(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    rng, records, seen = random.Random(seed), [], set(exclude)
+    while len(records) < n:
+        start, ops = make_problem(rng)
+        q = question_text(start, ops)
+        if q in seen:
+            continue
+        seen.add(q)
+        answer = int(re.search(r"boxed\{(\d)\}", solution_steps(start, ops)[-1]).group(1))
+        records.append({"id": f"toy-{seed}-{len(records)}", "question": q, "answer": str(answer)})
+    return records
+
+
+# ----------------------------------------------------------------------------- tokenizer and model
+def build_tokenizer(corpus: list[str]):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    pieces = {m for text in corpus for m in re.findall(PRETOKENIZE, text)}
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = specials + chars + sorted(pieces - set(chars))
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
+    tk.decoder = decoders.Fuse()  # concatenate the pieces back: decode(encode(x)) == x
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=CFG.hidden_size, intermediate_size=2 * CFG.hidden_size,
+        num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads, num_key_value_heads=CFG.num_heads,
+        max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- warm start
+def sft_batch(tok, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of (prompt, flawed solution) pairs; the loss is on the solution tokens only."""
+    seqs, masks = [], []
+    for _ in range(batch_size):
+        start, ops = make_problem(rng)
+        prompt = build_prompt_ids(tok, question_text(start, ops), CFG.instruction)
+        response = tok("".join(solution_steps(start, ops, rng, CFG.trap_error))).input_ids + [tok.eos_token_id]
+        seqs.append(prompt + response)
+        masks.append([0] * len(prompt) + [1] * len(response))
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])  # [B, T] right-padded
+    loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])  # [B, T]
+    attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # [B, T]
+    return ids, attn, loss_mask
+
+
+def warm_start(model, tok) -> None:
+    rng = random.Random(CFG.seed + 100)
+    steps = CFG.sft_examples // CFG.sft_batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=CFG.sft_lr, weight_decay=0.0)
+    model.train()
+    bar = tqdm(range(steps), desc="warm start (SFT)")
+    for step in bar:
+        ids, attn, loss_mask = sft_batch(tok, rng, CFG.sft_batch_size)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T-1, V]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+        mask = loss_mask[:, 1:].float()  # [B, T-1]: predict solution tokens only
+        loss = (nll * mask).sum() / mask.sum()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, steps // 20, CFG.sft_lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+def main() -> None:
+    global CFG
+    CFG = parse_config(Config)
+    t0 = time.time()
+    seed_everything(CFG.seed)
+    os.makedirs(CFG.out_dir, exist_ok=True)
+    train = make_split(CFG.num_train, CFG.seed + 1)
+    test = make_split(CFG.num_test, CFG.seed + 2, exclude={r["question"] for r in train})
+    write_jsonl_atomic(os.path.join(CFG.out_dir, "train.jsonl"), train)
+    write_jsonl_atomic(os.path.join(CFG.out_dir, "test.jsonl"), test)
+
+    # The vocabulary covers every word the task and the instruction can use.
+    rng = random.Random(0)
+    corpus = [CFG.instruction, "\\boxed{}", *(question_text(*make_problem(rng)) for _ in range(200))]
+    corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS]
+    tok = build_tokenizer(corpus)
+    model = build_model(tok)
+    print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
+    warm_start(model, tok)
+
+    tmp = os.path.join(CFG.out_dir, "sft.tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    finalize_dir(tmp, os.path.join(CFG.out_dir, "sft"))
+    print(f"wrote {len(train)} train / {len(test)} test questions and the warm start to {CFG.out_dir} "
+          f"in {time.time() - t0:.0f}s")
+
+
+CFG = Config()
+if __name__ == "__main__":
+    run(main)
