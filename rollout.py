@@ -58,7 +58,7 @@ class Config:
 
 
 # ============================================================================= grading (math)
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_NUMBER = r"-?\d(?:[\d,]*\d)?(?:\.\d+)?|-?\.\d+"  # a comma ends a number unless a digit follows (1,000 but "25, so")
 
 
 def last_boxed(text: str) -> str | None:
@@ -85,7 +85,7 @@ def extract_answer(text: str) -> str | None:
         return boxed.strip()
     m = re.findall(r"answer is[:\s]*(.+)", text, flags=re.IGNORECASE)
     if m:
-        return m[-1].strip().rstrip(".").strip()
+        return re.split(r"\.\s", m[-1])[0].strip().rstrip(".").strip()  # "The answer is 5. Because ..." -> 5
     numbers = re.findall(_NUMBER, text)
     return numbers[-1] if numbers else None
 
@@ -121,6 +121,7 @@ def normalize_answer(s: str) -> str:
                  "\\%", "%", "°", "\\displaystyle"):
         s = s.replace(junk, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
     s = s.strip().rstrip(".").strip()
     # A number followed by a unit word ("5 cm", "12 dollars") is the number.
@@ -322,7 +323,7 @@ def load_questions(cfg: Config, tok) -> list[dict]:
         seen.add(qid)
         if not isinstance(r[cfg.question_field], str) or not r[cfg.question_field].strip():
             raise InputError(f"{cfg.data} line {r['_line']}: field {cfg.question_field!r} must be a non-empty string")
-        questions.append({"qid": qid, "answer": str(r[cfg.answer_field]),
+        questions.append({"qid": qid, "question": r[cfg.question_field], "answer": str(r[cfg.answer_field]),
                           "prompt_ids": build_prompt_ids(tok, r[cfg.question_field], cfg.instruction)})
     return questions
 

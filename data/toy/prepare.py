@@ -8,14 +8,14 @@ Hugging Face model is (save_pretrained), so every script loads it with AutoToken
 writes out_dir/train.jsonl and out_dir/test.jsonl ({"id", "question", "answer"}: different seeds, no test
 question appears in train) and out_dir/sft/ (tokenizer + warm-started policy).
 
-The task. "Start with 3. Add 4. Multiply by 2. Subtract 5. Keep only the last digit after each step."
+The task. "Start with 3. Add 2. Multiply by 3. Subtract 1. Keep only the last digit after each step."
 Solution, one step per line, the last step boxing the answer:
-    3+4=7
-    7*2=4
-    4-5=\\boxed{9}
+    3+2=5
+    5*3=5
+    5-1=\\boxed{4}
 
 Why the warm start is imperfect. Its supervised data contains a SYSTEMATIC mistake: a product of 10 or
-more is written as its tens digit (7*2=1 instead of 4). It is made with probability `trap_error` > 1/2, so
+more is written as its tens digit (5*3=1 instead of 5). It is made with probability `trap_error` > 1/2, so
 the warm start prefers the wrong step and greedy decoding cannot hide it; later steps continue from the
 wrong value, as a student's would. DAPO has to find, from rewards alone, that the other step is better.
 """
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run, seed_everything, write_jsonl_atomic  # noqa: E402
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
+# Small operands keep the digit tables small (80 facts): a 0.5M-parameter model learns them in a minute.
 # Words get their own tokens (with a leading space), \boxed{ is one token, anything else is one character.
 PRETOKENIZE = r"\\boxed\{| ?[A-Za-z]+|[\s\S]"
 
@@ -44,12 +45,12 @@ class Config:
     out_dir: str = arg("runs/toy", "where train.jsonl, test.jsonl and sft/ are written")
     num_train: int = arg(2000, "training questions for rollout / DAPO")
     num_test: int = arg(300, "held-out test questions (another seed, none equal to a training question)")
-    min_ops: int = arg(2, "fewest operations in a problem")
+    min_ops: int = arg(3, "fewest operations in a problem")
     max_ops: int = arg(4, "most operations in a problem")
-    trap_error: float = arg(0.75, "probability that the warm-start data writes the tens digit of a product >= 10")
-    sft_examples: int = arg(40000, "supervised (warm start) examples, drawn fresh with the mistakes above")
-    sft_batch_size: int = arg(128, "warm start batch size")
-    sft_lr: float = arg(3e-3, "warm start peak learning rate")
+    trap_error: float = arg(0.85, "probability that the warm-start data writes the tens digit of a product >= 10")
+    sft_examples: int = arg(32000, "supervised (warm start) examples, drawn fresh with the mistakes above")
+    sft_batch_size: int = arg(64, "warm start batch size")
+    sft_lr: float = arg(1e-3, "warm start peak learning rate")
     hidden_size: int = arg(128, "tiny Llama width")
     num_layers: int = arg(3, "tiny Llama depth")
     num_heads: int = arg(4, "tiny Llama attention heads")
@@ -63,7 +64,7 @@ def make_problem(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
     ops = []
     for _ in range(num_ops):
         op = rng.choice("+-*")
-        ops.append((op, rng.randint(2, 9) if op == "*" else rng.randint(1, 9)))
+        ops.append((op, rng.randint(2, 3) if op == "*" else rng.randint(1, 3)))
     return rng.randint(0, 9), ops
 
 

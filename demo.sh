@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The whole DAPO pipeline on the embedded toy task, two iterations, on a CPU:
+#   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json
+#
+#   bash demo.sh                 # the full demo (about 5 minutes on 2 CPU cores)
+#   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk: a one-minute check that the pipeline runs
+#   OUT=runs/other bash demo.sh  # another output folder
+#
+# Each stage is skipped when its output is already complete, so rerunning after a kill resumes.
+# The same scripts run a real model: see "Your own model" in the README.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=${OUT:-runs/toy}
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
+
+if [ "${DEMO_SMOKE:-0}" = "1" ]; then
+  PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
+  ROLLOUT="--max_questions 12 --n1 4 --n 2 --M 4"
+  CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3"
+  DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.1 --lr 1e-3"
+  EVAL="--k 2"
+else
+  PREPARE=""
+  ROLLOUT="--max_questions 256 --n1 8 --n 4 --M 8"
+  CRITIC="--epochs 4 --batch_size 32 --micro_batch_size 32 --lr 1e-3 --heldout_fraction 0.1"
+  DAPO="--epochs 2 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.1 --lr 1e-3"
+  EVAL="--k 4"
+fi
+TOKENS="--max_new_tokens 40"  # toy solutions are at most 4 steps of about 7 tokens
+
+mkdir -p "$OUT"
+TIMES="$OUT/stage_ms.tsv"
+stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER exists; record its wall time
+  local name=$1 marker=$2; shift 2
+  if [ -e "$marker" ]; then echo "== $name: done already ($marker)"; return; fi
+  echo "== $name"
+  local t0; t0=$(date +%s%N)
+  "$@"
+  printf '%s\t%s\n' "$name" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$TIMES"  # milliseconds
+}
+
+stage prepare "$OUT/sft" $PY data/toy/prepare.py --out_dir "$OUT" $PREPARE
+stage eval-base "$OUT/base/eval/summary.json" \
+  $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS
+
+POLICY="$OUT/sft"
+PREV_CRITIC=()
+for IT in 1 2; do
+  D="$OUT/iter$IT"
+  # Stage A: data from the current policy (pi_ref = pi_gen), then the critic on its MC labels.
+  stage "iter$IT-rollout" "$D/rollout/summary.json" \
+    $PY rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS
+  stage "iter$IT-critic" "$D/critic" \
+    $PY critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC
+  # Stage B: advantages from the critic, the DAPO loss, a new actor that is the next iteration's policy.
+  stage "iter$IT-dapo" "$D/actor" \
+    $PY dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
+  stage "iter$IT-eval" "$D/eval/summary.json" \
+    $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS
+  POLICY="$D/actor"
+  PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one
+done
+
+$PY - "$OUT" <<'EOF'
+import json, os, platform, sys
+out = sys.argv[1]
+load = lambda *p: json.load(open(os.path.join(out, *p)))
+seconds = {}
+for line in open(os.path.join(out, "stage_ms.tsv")):
+    name, ms = line.split("\t")
+    seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
+summary = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+rows = []
+for name, folder in [("base", "base"), ("iter1", "iter1"), ("iter2", "iter2")]:
+    e = load(folder, "eval", "summary.json")
+    summary[name] = {"greedy_acc": e["greedy_acc"], "sampled_acc": e["sampled_acc"]}
+    row = {"policy": {"base": "warm start (SFT)", "iter1": "DAPO iteration 1", "iter2": "DAPO iteration 2"}[name],
+           "greedy": e["greedy_acc"], "sampled": e["sampled_acc"], "r": "", "kept": "", "s": 0.0}
+    if name != "base":
+        c, d = load(folder, "critic", "metrics.json"), load(folder, "actor", "train_summary.json")
+        summary[name].update(critic_pearson_r=c["heldout"]["pearson_r"], states_kept=d["states_kept"],
+                             actions_kept=d["actions_kept"])
+        row.update(r=f"{c['heldout']['pearson_r']:.3f}", kept=f"{d['states_kept']} / {d['actions_kept']}")
+        row["s"] = sum(v for k, v in seconds.items() if k.startswith(name) and k != f"{name}-eval")
+    rows.append(row)
+summary["critic_pearson_r"] = summary["iter1"]["critic_pearson_r"]
+summary["stage_seconds"] = seconds
+summary["wall_seconds"] = sum(seconds.values())
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(f"\n| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['policy']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['r']} | {r['kept']} | {r['s']:.0f} |")
+print(f"\nwall time {summary['wall_seconds']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())})")
+print(f"machine: {summary['machine']}; written {os.path.join(out, 'summary.json')}")
+EOF

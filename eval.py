@@ -1,0 +1,146 @@
+"""Accuracy of a policy on a held-out JSONL test set: greedy (the paper's protocol) and sampled.
+
+For every test question x, with the same prompt as rollout.py (zero-shot chain of thought):
+  1. Greedy: one response, decoded greedily up to max_new_tokens (paper: 2048); its verdict is the reward
+     of rollout.py (final answer equals the reference; a response cut by the token limit is wrong).
+  2. Sampled: k responses at a temperature. Sampled accuracy is the mean verdict over all samples;
+     pass@k counts a question solved when any sample is right; maj@k grades the most frequent final answer
+     of the samples (equal answers such as 1,000 and 1000 vote together).
+
+    python eval.py --model runs/toy/iter1/actor --data runs/toy/test.jsonl --out_dir runs/toy/iter1/eval
+    torchrun --nproc_per_node=8 eval.py --model ... --data ...   # questions sharded over ranks
+
+Output (out_dir): responses.jsonl (one record per question: its greedy and sampled responses with their
+verdicts) and summary.json (greedy_acc, sampled_acc, pass@k, maj@k as fractions in [0, 1], ...). Each rank
+writes its own part; rank 0 merges them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from common import (DEFAULT_INSTRUCTION, InputError, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
+                    parse_config, read_jsonl, run, seed_everything, setup_distributed, write_json_atomic,
+                    write_jsonl_atomic)
+from rollout import (Generation, answers_match, extract_answer, generate, is_correct, load_questions, normalize_answer,
+                     reference_answer)
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = arg("runs/toy/sft", "policy to evaluate: HF directory or hub name")
+    data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
+    out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
+    question_field: str = arg("question", "field of the question text ('problem' for MATH)")
+    answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
+    id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
+    instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
+    max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
+    k: int = arg(4, "sampled responses per question for sampled accuracy, pass@k and maj@k (0: greedy only)")
+    temperature: float = arg(1.0, "sampling temperature of the k samples")
+    top_p: float = arg(1.0, "nucleus sampling threshold of the k samples")
+    batch_size: int = arg(64, "sequences per generation batch")
+    max_questions: int = arg(0, "use only the first N questions (0: all)")
+    seed: int = arg(0, "sampling seed (each rank offsets it): the same seed and ranks give the same numbers")
+
+
+def verdict(gen: Generation, text: str, reference: str) -> bool:
+    """The reward of rollout.py: the response ended and its final answer equals the reference."""
+    return gen.finish == "eos" and is_correct(text, reference)
+
+
+def majority_answer(texts: list[str]) -> str | None:
+    """maj@k vote: the most frequent normalised final answer, equal answers (rollout.answers_match) counted
+    together; a tie goes to the answer seen first; None when no response has an answer."""
+    groups: list[list[str]] = []  # each group holds answers equal to its first one
+    for text in texts:
+        answer = extract_answer(text)
+        if answer is None:
+            continue
+        answer = normalize_answer(answer)
+        for group in groups:
+            if answers_match(answer, group[0]):
+                group.append(answer)
+                break
+        else:
+            groups.append([answer])
+    return max(groups, key=len)[0] if groups else None
+
+
+def grade_question(q: dict, greedy: Generation, samples: list[Generation], decode) -> dict:
+    """One question's record: its responses, their verdicts and the majority vote of the samples."""
+    texts = [decode(s.ids) for s in samples]
+    correct = [verdict(s, t, q["answer"]) for s, t in zip(samples, texts)]
+    maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"])  # cut responses do not vote
+    greedy_text = decode(greedy.ids)
+    return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
+            "greedy_response": greedy_text, "greedy_finish": greedy.finish,
+            "greedy_correct": verdict(greedy, greedy_text, q["answer"]),
+            "sampled_responses": texts, "sampled_correct": correct, "maj_answer": maj,
+            "maj_correct": (maj is not None and answers_match(maj, reference_answer(q["answer"]))) if samples else None}
+
+
+def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float) -> dict:
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    sampled = cfg.k > 0
+    return {"model": cfg.model, "data": cfg.data, "num_questions": len(records),
+            "greedy_acc": mean([r["greedy_correct"] for r in records]),
+            "sampled_acc": mean([mean(r["sampled_correct"]) for r in records]) if sampled else None,
+            "pass@k": mean([any(r["sampled_correct"]) for r in records]) if sampled else None,
+            "maj@k": mean([r["maj_correct"] for r in records]) if sampled else None,
+            "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+            "world_size": world_size, "seconds": round(seconds, 2), "config": dataclasses.asdict(cfg)}
+
+
+def print_table(s: dict) -> None:
+    rows = [("greedy accuracy", s["greedy_acc"])]
+    if s["k"]:
+        rows += [(f"sampled accuracy (T={s['temperature']})", s["sampled_acc"]),
+                 (f"pass@{s['k']}", s["pass@k"]), (f"maj@{s['k']}", s["maj@k"])]
+    print(f"{s['model']} on {s['data']}: {s['num_questions']} questions, {s['seconds']:.0f}s")
+    for name, value in rows:
+        print(f"  {name:<28} {value:6.3f}")
+
+
+def main() -> None:
+    cfg = parse_config(Config)
+    if cfg.k < 0 or (cfg.k > 0 and cfg.temperature <= 0):
+        raise InputError(f"--k must be >= 0 and --temperature > 0 when sampling (got k={cfg.k}, T={cfg.temperature})")
+    ddp = setup_distributed()
+    tok = load_tokenizer(cfg.model)
+    questions = load_questions(cfg, tok)  # validated in full before anything is written
+    model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    seed_everything(cfg.seed)
+    g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+
+    t0 = time.time()
+    mine = questions[ddp.rank:: ddp.world_size]
+    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+               batch_size=cfg.batch_size, generator=g)
+    greedy = generate(model, [q["prompt_ids"] for q in mine], temperature=0.0, desc=f"greedy rank {ddp.rank}", **gen)
+    samples = generate(model, [q["prompt_ids"] for q in mine for _ in range(cfg.k)], temperature=cfg.temperature,
+                       top_p=cfg.top_p, desc=f"sampled rank {ddp.rank}", **gen)
+    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode) for i, q in enumerate(mine)]
+    write_jsonl_atomic(os.path.join(cfg.out_dir, f"part-{ddp.rank}.jsonl"), records)
+    barrier()
+
+    if ddp.is_main:  # merge the parts: every question exactly once, in input order
+        parts = [os.path.join(cfg.out_dir, f"part-{r}.jsonl") for r in range(ddp.world_size)]
+        by_id = {r["id"]: r for path in parts for r in read_jsonl(path, allow_empty=True)}
+        merged = [{k: v for k, v in by_id[q["qid"]].items() if k != "_line"} for q in questions]
+        write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
+        summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)
+        write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)  # last: its presence means done
+        for path in parts:
+            os.remove(path)
+        print_table(summary)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny toy task and a tiny rollout, built once per test session (a few seconds)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(*args, env=None, check=True, timeout=600, cwd=ROOT):
+    """Run `python <args>` (or torchrun when args[0] == 'torchrun') from the repository root."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run"] + list(args[1:])) if args[0] == "torchrun" else [sys.executable, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory):
+    """A toy task with a briefly warm-started tiny Llama: runs/toy layout (train.jsonl, test.jsonl, sft/)."""
+    out = tmp_path_factory.mktemp("toy")
+    run_script("data/toy/prepare.py", "--out_dir", str(out), "--num_train", "48", "--num_test", "24",
+               "--sft_examples", "3072", "--sft_batch_size", "64")
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_rollout(toy_dir, tmp_path_factory):
+    """rollout.py on 12 toy questions with tiny settings: states.jsonl, solutions.jsonl, summary.json."""
+    out = tmp_path_factory.mktemp("rollout")
+    run_script("rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
+               "--out_dir", str(out), "--max_questions", "12", "--n1", "4", "--n", "2", "--M", "4",
+               "--max_new_tokens", "40", "--questions_per_chunk", "6")
+    return out

@@ -1,0 +1,116 @@
+"""eval.py on the toy model: greedy accuracy against a hand count, the summary, seeding, torchrun sharding,
+bad input; and the maj@k vote as a pure function."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import run_script
+
+from common import build_prompt_ids, load_causal_lm, load_tokenizer, read_jsonl
+from eval import majority_answer
+from rollout import generate
+
+N, K, MAX_NEW_TOKENS = 7, 3, 40  # an odd number of questions: two ranks get unequal shares
+SUMMARY_FIELDS = {"greedy_acc", "sampled_acc", "pass@k", "maj@k", "num_questions", "k", "temperature", "seconds",
+                  "model", "data", "max_new_tokens", "seed", "world_size", "config"}
+
+
+def run_eval(toy_dir, out_dir, *extra, launcher=()):
+    return run_script(*launcher, "eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"),
+                      "--out_dir", str(out_dir), "--max_questions", str(N), "--k", str(K),
+                      "--max_new_tokens", str(MAX_NEW_TOKENS), *extra,
+                      env={"OMP_NUM_THREADS": "1"})  # tiny model, shared cores: a second thread only spins
+
+
+def outputs(out_dir):
+    records = [json.loads(line) for line in open(out_dir / "responses.jsonl")]
+    return records, json.load(open(out_dir / "summary.json"))
+
+
+@pytest.fixture(scope="module")
+def one_process(toy_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    run_eval(toy_dir, out)
+    return out
+
+
+def test_greedy_accuracy_equals_a_hand_count(toy_dir, one_process):
+    questions = read_jsonl(str(toy_dir / "test.jsonl"))[:N]
+    tok = load_tokenizer(str(toy_dir / "sft"))
+    model = load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
+    prompts = [build_prompt_ids(tok, q["question"]) for q in questions]
+    gens = generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                    max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    texts = [tok.decode(g.ids, skip_special_tokens=True) for g in gens]
+    boxed = [re.findall(r"\\boxed\{([^{}]*)\}", t) for t in texts]
+    hand = [g.finish == "eos" and bool(b) and b[-1] == q["answer"] for g, b, q in zip(gens, boxed, questions)]
+
+    records, summary = outputs(one_process)
+    assert [r["id"] for r in records] == [q["id"] for q in questions]
+    assert [r["greedy_response"] for r in records] == texts
+    assert [r["greedy_correct"] for r in records] == hand
+    assert summary["greedy_acc"] == pytest.approx(sum(hand) / N)
+
+
+def test_summary_has_every_field_and_agrees_with_the_responses(one_process):
+    records, summary = outputs(one_process)
+    assert SUMMARY_FIELDS <= set(summary)
+    assert (summary["num_questions"], summary["k"], summary["temperature"], summary["world_size"]) == (N, K, 1.0, 1)
+    for key in ("greedy_acc", "sampled_acc", "pass@k", "maj@k"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert all(len(r["sampled_responses"]) == len(r["sampled_correct"]) == K for r in records)
+    assert summary["sampled_acc"] == pytest.approx(sum(sum(r["sampled_correct"]) for r in records) / (N * K))
+    assert summary["pass@k"] == pytest.approx(sum(any(r["sampled_correct"]) for r in records) / N)
+    assert summary["maj@k"] == pytest.approx(sum(r["maj_correct"] for r in records) / N)
+    assert summary["pass@k"] >= summary["sampled_acc"]
+    assert sorted(p.name for p in one_process.iterdir()) == ["responses.jsonl", "summary.json"]  # no parts, no .tmp
+
+
+def test_same_seed_same_numbers_other_seed_other_samples(toy_dir, one_process, tmp_path):
+    records, summary = outputs(one_process)
+    run_eval(toy_dir, tmp_path / "same")
+    run_eval(toy_dir, tmp_path / "other", "--seed", "1")
+    same_records, same_summary = outputs(tmp_path / "same")
+    other_records, _ = outputs(tmp_path / "other")
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "config")}  # noqa: E731
+    assert same_records == records and drop(same_summary) == drop(summary)
+    assert [r["greedy_response"] for r in other_records] == [r["greedy_response"] for r in records]
+    assert [r["sampled_responses"] for r in other_records] != [r["sampled_responses"] for r in records]
+
+
+def test_torchrun_two_processes_cover_every_question_once(toy_dir, one_process, tmp_path):
+    run_eval(toy_dir, tmp_path, launcher=("torchrun", "--nproc_per_node=2"))
+    records, summary = outputs(tmp_path)
+    single, _ = outputs(one_process)
+    assert [r["id"] for r in records] == [r["id"] for r in single]  # every question exactly once, input order
+    assert [r["greedy_correct"] for r in records] == [r["greedy_correct"] for r in single]
+    assert [r["greedy_response"] for r in records] == [r["greedy_response"] for r in single]
+    assert (summary["num_questions"], summary["world_size"]) == (N, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["responses.jsonl", "summary.json"]
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing_field", "no_model"])
+def test_bad_input_exits_2_naming_the_file(toy_dir, tmp_path, case):
+    data, model = tmp_path / "test.jsonl", toy_dir / "sft"
+    lines = ['{"id": "a", "question": "Start with 1. Add 2.", "answer": "3"}']
+    second = {"malformed": '{"id": "b", "question": ', "missing_field": '{"id": "b", "question": "Add 1."}'}
+    lines.append(second.get(case, lines[0].replace('"a"', '"b"')))
+    data.write_text("\n".join(lines) + "\n")
+    if case == "no_model":
+        model = tmp_path / "no-such-model"
+    out = tmp_path / "out"
+    proc = run_script("eval.py", "--model", str(model), "--data", str(data), "--out_dir", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    named = str(model) if case == "no_model" else f"{data} line 2"
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and named in proc.stderr
+    assert not (out / "summary.json").exists()
+
+
+def test_majority_vote_counts_equal_answers_together():
+    # 1,000 and 1000 are one answer (2 votes) and beat 7 (1 vote); "no answer here" has no number and no vote.
+    assert majority_answer(["\\boxed{7}", "so \\boxed{1,000}", "no answer here", "\\boxed{1000}"]) == "1,000"
+    assert majority_answer(["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{3}"]) in ("\\frac{1}{2}", "0.5")
+    assert majority_answer(["\\boxed{4}", "\\boxed{5}"]) == "4"  # a tie goes to the answer seen first
+    assert majority_answer(["no answer here", "nothing"]) is None
+    assert majority_answer(["The answer is $12$."]) == "12"  # normalised: $ and the period stripped
