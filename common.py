@@ -36,7 +36,7 @@ def arg(default: Any, help: str) -> Any:
 
 def parse_config(cls: type, argv: list[str] | None = None):
     """Build an argparse CLI from a config dataclass: every field becomes --name."""
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # annotations are strings
@@ -199,12 +199,58 @@ def check_model_path(path: str, what: str = "model") -> None:
         raise InputError(f"{path}: {what} path does not exist")
 
 
+def gguf_source(path: str) -> tuple[str, dict]:
+    """from_pretrained arguments for a model path: a GGUF file (name ending in .gguf) is read as (its
+    directory, gguf_file=its name) and dequantised to float, which needs the optional packages gguf and
+    accelerate (requirements-optional.txt); anything else is passed on unchanged."""
+    if not path.endswith(".gguf"):
+        return path, {}
+    import importlib.util
+
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"{path}: reading a GGUF file needs the package(s) {', '.join(missing)}: "
+                         "pip install -r requirements-optional.txt")
+    return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+
+
+def load_pretrained(auto_class, path: str, dtype: torch.dtype):
+    """auto_class.from_pretrained for a directory, a hub name or a GGUF file. A model read from GGUF holds
+    float weights but stays marked as GGUF-quantised, which forbids save_pretrained; the marks are removed, so
+    a model trained from a GGUF file saves as a plain directory that loads without the GGUF packages."""
+    source, gguf = gguf_source(path)
+    model = auto_class.from_pretrained(source, dtype=dtype, **gguf)
+    if gguf:
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def materialize_gguf(gguf_path: str, out_dir: str) -> None:
+    """Dequantise a GGUF file once into a normal Hugging Face directory (float32 weights, tokenizer with its
+    chat template): every stage then loads it quickly, and nothing it produces needs the GGUF packages.
+        python -c "import common; common.materialize_gguf('model.Q8_0.gguf', 'runs/base')"
+    """
+    if not gguf_path.endswith(".gguf"):
+        raise InputError(f"{gguf_path}: not a GGUF file (the name must end in .gguf)")
+    tok = load_tokenizer(gguf_path)
+    model = load_causal_lm(gguf_path, torch.device("cpu"))
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    finalize_dir(tmp, out_dir)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     check_model_path(path, "tokenizer")
+    source, gguf = gguf_source(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(source, **gguf)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load a tokenizer ({e})") from None
     if tok.pad_token_id is None:  # many chat models have no pad token: pad = EOS is safe with attention masks
@@ -218,7 +264,7 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype = torch.f
 
     check_model_path(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = load_pretrained(AutoModelForCausalLM, path, dtype)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load a causal language model ({e})") from None
     return model.to(device)

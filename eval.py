@@ -6,6 +6,8 @@ For every test question x, with the same prompt as rollout.py (zero-shot chain o
   2. Sampled: k responses at a temperature. Sampled accuracy is the mean verdict over all samples;
      pass@k counts a question solved when any sample is right; maj@k grades the most frequent final answer
      of the samples (equal answers such as 1,000 and 1000 vote together).
+With --task code (HumanEval, MBPP or TACO records) a verdict runs the program against the problem's unit
+tests in rollout.py's sandbox, greedy accuracy is pass@1 (greedy), and there is no maj@k.
 
     python eval.py --model runs/toy/iter1/actor --data runs/toy/test.jsonl --out_dir runs/toy/iter1/eval
     torchrun --nproc_per_node=8 eval.py --model ... --data ...   # questions sharded over ranks
@@ -25,7 +27,7 @@ import torch
 from common import (DEFAULT_INSTRUCTION, InputError, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
                     parse_config, read_jsonl, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
-from rollout import (Generation, answers_match, extract_answer, generate, is_correct, load_questions, normalize_answer,
+from rollout import (Generation, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
                      reference_answer)
 
 
@@ -36,6 +38,7 @@ class Config:
     out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
+    task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
@@ -45,11 +48,6 @@ class Config:
     batch_size: int = arg(64, "sequences per generation batch")
     max_questions: int = arg(0, "use only the first N questions (0: all)")
     seed: int = arg(0, "sampling seed (each rank offsets it): the same seed and ranks give the same numbers")
-
-
-def verdict(gen: Generation, text: str, reference: str) -> bool:
-    """The reward of rollout.py: the response ended and its final answer equals the reference."""
-    return gen.finish == "eos" and is_correct(text, reference)
 
 
 def majority_answer(texts: list[str]) -> str | None:
@@ -70,17 +68,19 @@ def majority_answer(texts: list[str]) -> str | None:
     return max(groups, key=len)[0] if groups else None
 
 
-def grade_question(q: dict, greedy: Generation, samples: list[Generation], decode) -> dict:
-    """One question's record: its responses, their verdicts and the majority vote of the samples."""
-    texts = [decode(s.ids) for s in samples]
-    correct = [verdict(s, t, q["answer"]) for s, t in zip(samples, texts)]
-    maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"])  # cut responses do not vote
-    greedy_text = decode(greedy.ids)
+def grade_question(q: dict, greedy: Generation, samples: list[Generation], decode, task: str = "math") -> dict:
+    """One question's record: its responses, their verdicts (the reward of rollout.py: the response ended and
+    is right; code runs its tests) and, for math, the majority vote of the samples."""
+    greedy_text, texts = decode(greedy.ids), [decode(s.ids) for s in samples]
+    greedy_correct, *correct = grade_batch([t if g.finish == "eos" else None for g, t in
+                                            zip([greedy, *samples], [greedy_text, *texts])],
+                                           [q["answer"]] * (1 + len(samples)), task)
+    vote = bool(samples) and task == "math"  # programs have no final answer to vote on
+    maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"]) if vote else None  # cut: no vote
     return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
-            "greedy_response": greedy_text, "greedy_finish": greedy.finish,
-            "greedy_correct": verdict(greedy, greedy_text, q["answer"]),
+            "greedy_response": greedy_text, "greedy_finish": greedy.finish, "greedy_correct": greedy_correct,
             "sampled_responses": texts, "sampled_correct": correct, "maj_answer": maj,
-            "maj_correct": (maj is not None and answers_match(maj, reference_answer(q["answer"]))) if samples else None}
+            "maj_correct": (maj is not None and answers_match(maj, reference_answer(q["answer"]))) if vote else None}
 
 
 def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float) -> dict:
@@ -90,16 +90,16 @@ def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float)
             "greedy_acc": mean([r["greedy_correct"] for r in records]),
             "sampled_acc": mean([mean(r["sampled_correct"]) for r in records]) if sampled else None,
             "pass@k": mean([any(r["sampled_correct"]) for r in records]) if sampled else None,
-            "maj@k": mean([r["maj_correct"] for r in records]) if sampled else None,
-            "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-            "world_size": world_size, "seconds": round(seconds, 2), "config": dataclasses.asdict(cfg)}
+            "maj@k": mean([r["maj_correct"] for r in records]) if sampled and cfg.task == "math" else None,
+            "task": cfg.task, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, "world_size": world_size, "seconds": round(seconds, 2), "config": dataclasses.asdict(cfg)}
 
 
 def print_table(s: dict) -> None:
-    rows = [("greedy accuracy", s["greedy_acc"])]
+    rows = [("pass@1 (greedy)" if s["task"] == "code" else "greedy accuracy", s["greedy_acc"])]
     if s["k"]:
-        rows += [(f"sampled accuracy (T={s['temperature']})", s["sampled_acc"]),
-                 (f"pass@{s['k']}", s["pass@k"]), (f"maj@{s['k']}", s["maj@k"])]
+        rows += [(f"sampled accuracy (T={s['temperature']})", s["sampled_acc"]), (f"pass@{s['k']}", s["pass@k"])]
+        rows += [(f"maj@{s['k']}", s["maj@k"])] if s["maj@k"] is not None else []
     print(f"{s['model']} on {s['data']}: {s['num_questions']} questions, {s['seconds']:.0f}s")
     for name, value in rows:
         print(f"  {name:<28} {value:6.3f}")
@@ -125,7 +125,8 @@ def main() -> None:
     greedy = generate(model, [q["prompt_ids"] for q in mine], temperature=0.0, desc=f"greedy rank {ddp.rank}", **gen)
     samples = generate(model, [q["prompt_ids"] for q in mine for _ in range(cfg.k)], temperature=cfg.temperature,
                        top_p=cfg.top_p, desc=f"sampled rank {ddp.rank}", **gen)
-    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode) for i, q in enumerate(mine)]
+    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode, cfg.task)
+               for i, q in enumerate(mine)]
     write_jsonl_atomic(os.path.join(cfg.out_dir, f"part-{ddp.rank}.jsonl"), records)
     barrier()
 

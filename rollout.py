@@ -21,10 +21,23 @@ after a kill resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import json
+import math
 import os
 import re
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
@@ -42,10 +55,11 @@ class Config:
     out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
+    task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     n1: int = arg(32, "generator samples per question (paper: 32)")
-    n: int = arg(6, "solutions kept per question, correct and wrong balanced (paper: 6)")
+    n_keep: int = arg(6, "n: solutions kept per question, correct and wrong balanced (paper: 6)")
     M: int = arg(16, "completions per state: MC label and candidate actions (paper: 16)")
     temperature: float = arg(1.0, "sampling temperature of generator and completer")
     top_p: float = arg(1.0, "nucleus sampling threshold")
@@ -160,6 +174,294 @@ def is_correct(response: str, reference: str) -> bool:
     return predicted is not None and answers_match(predicted, reference_answer(reference))
 
 
+# ============================================================================= grading (code)
+# The reward of a code response is 1 when its program passes every unit test of the problem. The program is
+# untrusted, so each check runs in a sandbox: a fresh `python -I` in a fresh temporary directory (removed
+# afterwards) with an empty environment and limits on wall-clock time, CPU time, memory, file size, processes
+# and output; in new network, PID and mount namespaces where the OS allows; and, when we are root, as an
+# unprivileged user, since the kernel does not apply RLIMIT_NPROC to root. It is not a container: the README
+# says what it does and does not isolate.
+CODE_INSTRUCTION = "Write a Python solution in a ```python code block."
+SANDBOX_USER = 65534  # "nobody": the program's user and group when we are root
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """What one sandboxed process may use."""
+    timeout: float = 10.0  # wall-clock seconds per process (one process per input for stdin/stdout problems)
+    memory_mb: int = 1024  # address space (RLIMIT_AS): a larger allocation raises MemoryError
+    output_bytes: int = 1 << 22  # stdout past this kills the program
+    file_mb: int = 16  # largest file the program may write (RLIMIT_FSIZE)
+    processes: int = 64  # processes and threads of the sandbox user (RLIMIT_NPROC)
+
+
+# Runs first in the sandboxed interpreter. It sets the limits before any untrusted line runs (lowering a
+# limit needs no privilege), runs the program (and, for a call-based problem, calls it on every input), then
+# proves that the tests ran to the end by writing a nonce that it read from stdin before the program started:
+# a program that leaves early (sys.exit, os._exit, a crash, a kill) never writes it. The CPU limit also ends
+# whatever escaped the process group.
+_HARNESS = r"""
+import ctypes, json, os, resource, sys
+
+def harness(mode, fn_name, cpu, memory, fsize, nproc):
+    for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize),
+                         (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(limit, (value, value))
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: setuid programs (su, mount) give no rights back
+    nonce = b""
+    while not nonce.endswith(b"\n"):  # byte by byte: the rest of stdin is the program's input
+        nonce += os.read(0, 1) or b"\n"
+    out = os.dup(1)  # the nonce gets out even when the program closes or replaces stdout
+    namespace = {"__name__": "__main__"}
+    try:
+        exec(compile(open("program.py", encoding="utf-8").read(), "program.py", "exec"), namespace)
+    except SystemExit as e:  # a stdin/stdout program may stop with exit(); a test script may not
+        if mode != "stdio" or e.code not in (None, 0):
+            raise
+    result = ""
+    if mode == "call":  # LeetCode style (class Solution) or a plain function
+        fn = getattr(namespace["Solution"](), fn_name) if "Solution" in namespace else namespace[fn_name]
+        result = json.dumps([fn(*args) for args in json.load(open("inputs.json", encoding="utf-8"))])
+    sys.stdout.flush()
+    with open(out, "wb") as f:
+        f.write(b"\n" + nonce.strip() + result.encode() + b"\n")
+    os._exit(0)  # threads the program left running do not hold the process
+
+harness(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+"""
+
+
+def extract_code(response: str) -> str:
+    """The program of a response: its last ```python block, else its last plain ``` block, else all of it."""
+    blocks = re.findall(r"```([\w+-]*)[^\n]*\n(.*?)```", response, flags=re.DOTALL)  # (language, code)
+    python = [code for language, code in blocks if language.lower() in ("python", "python3", "py")]
+    plain = [code for language, code in blocks if not language]
+    return (python or plain or [response])[-1]
+
+
+def _taco_tests(problem: dict) -> dict | None:
+    """TACO/APPS tests {"inputs", "outputs"[, "fn_name"]}, stored as a dict or a JSON string; None if malformed."""
+    tests = problem.get("input_output")
+    try:
+        tests = json.loads(tests) if isinstance(tests, str) else tests
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(tests, dict) or not all(isinstance(tests.get(key), list) for key in ("inputs", "outputs")):
+        return None
+    return tests if 0 < len(tests["inputs"]) == len(tests["outputs"]) else None
+
+
+def code_layout(problem: dict) -> str | None:
+    """'humaneval' (prompt, test, entry_point), 'mbpp' (test_list) or 'taco' (input_output); None when the
+    problem has none of them, or no tests."""
+    if {"prompt", "test", "entry_point"} <= problem.keys():
+        return "humaneval"
+    if isinstance(problem.get("test_list"), list) and problem["test_list"]:
+        return "mbpp"
+    if _taco_tests(problem) is not None:
+        return "taco"
+    return None
+
+
+def code_question(question: str, problem: dict) -> str:
+    """The question shown to the policy: MBPP's text names no function, so its tests follow it (the MBPP
+    paper's prompt); a TACO problem's starter code (the signature to fill in) follows its statement."""
+    if code_layout(problem) == "mbpp" and "assert" not in question:
+        return question + "\nYour code should pass these tests:\n" + "\n".join(problem["test_list"])
+    if problem.get("starter_code"):
+        return question + "\n" + problem["starter_code"]
+    return question
+
+
+def _running_tasks(uid: int) -> int:
+    """Processes and threads the user runs now: what RLIMIT_NPROC counts."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:  # it ended meanwhile
+            pass
+    return count
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """Write the program's stdin, then close it (a thread: a program that reads late must not block us)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:  # the program ended without reading all its input
+        pass
+    os.close(fd)
+
+
+def _read_capped(pipe, deadline: float, cap: int) -> bytes | None:
+    """All that is written to the pipe until every writer has closed it; None past the deadline or the cap."""
+    out = bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(pipe, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if selector.select(left):
+                chunk = os.read(pipe.fileno(), 1 << 16)
+                if not chunk:
+                    return bytes(out)
+                out += chunk
+                if len(out) > cap:
+                    return None
+    return None
+
+
+def _stop(proc: subprocess.Popen, namespaces: bool) -> None:
+    """Kill a check and everything it started (its process group). In a PID namespace its init (unshare's
+    child) goes first: the kernel then kills the whole namespace and unshare reaps it, so no zombie is left
+    to the system's init (zombies count against the sandbox user's process limit until it reaps them)."""
+    if namespaces:
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                for pid in f.read().split():
+                    os.kill(int(pid), signal.SIGKILL)
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _launch(launcher: tuple[str, ...], python: str, files: dict[str, str], args: list[str], stdin: str,
+            limits: SandboxLimits) -> tuple[str, str] | None:
+    """One sandboxed process: (its stdout, what the harness wrote after the tests) when it ran to the end."""
+    root = os.geteuid() == 0
+    nproc = limits.processes if root else _running_tasks(os.geteuid()) + limits.processes  # ours count too
+    nonce = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="code-check-", ignore_cleanup_errors=True) as tmp:
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(os.path.join(tmp, name), 0o644)  # readable by the sandbox user whatever our umask
+        drop = {}
+        if root:
+            os.chown(tmp, SANDBOX_USER, SANDBOX_USER)  # the one place it may write (with world-writable ones)
+            if not launcher:  # else unshare drops to the sandbox user inside the new namespaces
+                drop = dict(user=SANDBOX_USER, group=SANDBOX_USER, extra_groups=[])
+        command = [*launcher, python, "-I", "-c", _HARNESS, *args, str(math.ceil(limits.timeout) + 1),
+                   str(limits.memory_mb << 20), str(limits.file_mb << 20), str(nproc)]
+        stdin_r, stdin_w = os.pipe()
+        proc = subprocess.Popen(command, cwd=tmp, env={"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8"},
+                                stdin=stdin_r, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                start_new_session=True, **drop)
+        os.close(stdin_r)
+        try:
+            threading.Thread(target=_feed, args=(stdin_w, f"{nonce}\n{stdin}".encode()), daemon=True).start()
+            out = _read_capped(proc.stdout, time.monotonic() + limits.timeout, limits.output_bytes)
+        finally:
+            _stop(proc, namespaces=bool(launcher))
+            proc.stdout.close()
+    if out is None:
+        return None
+    stdout, found, tail = out.rpartition(f"\n{nonce}".encode())
+    if not found or not tail.endswith(b"\n") or b"\n" in tail[:-1]:
+        return None
+    return stdout.decode("utf-8", errors="replace"), tail[:-1].decode()
+
+
+@functools.lru_cache(maxsize=None)
+def _sandbox() -> tuple[tuple[str, ...], str]:
+    """The strongest launcher that works here, and an interpreter that the sandbox user can run (one under
+    /root, such as a pyenv, is not), tried on a program that prints 1."""
+    namespaces = ("unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc")
+    namespaces += (("--setgid", str(SANDBOX_USER), "--setuid", str(SANDBOX_USER)) if os.geteuid() == 0
+                   else ("--map-current-user",))
+    launchers = [namespaces, ()] if shutil.which("unshare") else [()]
+    pythons = dict.fromkeys([sys.executable, "/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")])
+    for launcher in launchers:
+        for python in filter(None, pythons):
+            try:
+                ran = _launch(launcher, python, {"program.py": "print(1)"}, ["stdio", ""], "", SandboxLimits())
+                if ran == ("1\n", ""):
+                    return launcher, python
+            except OSError:  # the sandbox user may not run it
+                pass
+    raise RuntimeError("no sandbox for code checks: no Python interpreter that the sandbox user can run")
+
+
+def run_sandboxed(files: dict[str, str], mode: str, fn_name: str = "", stdin: str = "",
+                  limits: SandboxLimits = SandboxLimits()) -> tuple[str, str] | None:
+    """Run files["program.py"] in the sandbox ('script': to its end; 'stdio': on stdin; 'call': fn_name on
+    every argument list in files["inputs.json"]). (stdout, JSON list of the calls' values) when it ran to the
+    end; None when it did not (an error, an early exit, a timeout, a limit)."""
+    launcher, python = _sandbox()
+    return _launch(launcher, python, files, [mode, fn_name], stdin, limits)
+
+
+def _same_output(got: str, expected: str) -> bool:
+    """Standard output against the expected one, token by token (spacing and line ends do not count); a
+    float answer (an expected token with a '.') within 1e-6."""
+    def same(x: str, y: str) -> bool:
+        try:
+            return x == y or ("." in y and math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-6))
+        except ValueError:
+            return False
+    a, b = got.split(), expected.split()
+    return len(a) == len(b) and all(map(same, a, b))
+
+
+def _as_text(value) -> str:
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)  # TACO gives some as lists of lines
+
+
+def is_correct_code(response: str, problem: dict, limits: SandboxLimits = SandboxLimits()) -> bool:
+    """Reward r of a code response: its program (extract_code) passes every unit test of the problem, in the
+    HumanEval, MBPP or TACO/APPS layout (code_layout)."""
+    code, layout = extract_code(response), code_layout(problem)
+    if layout == "humaneval":
+        if re.search(rf"^def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.MULTILINE):
+            program = problem["prompt"] + "\n" + code  # a whole function: it replaces the prompt's stub
+        else:  # the body of the prompt's function, as a completion model writes it
+            indented = code.lstrip("\n")[:1] in (" ", "\t")
+            program = problem["prompt"] + (code if indented else textwrap.indent(code, "    "))
+        program += f"\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+    if layout == "mbpp":
+        program = "\n".join([problem.get("test_setup_code") or "", code, *problem["test_list"]]) + "\n"
+        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+    if layout == "taco":
+        tests = _taco_tests(problem)
+        inputs, outputs = tests["inputs"], tests["outputs"]
+        if tests.get("fn_name"):  # call-based: fn_name(*inputs[i]) returns outputs[i]
+            ran = run_sandboxed({"program.py": code, "inputs.json": json.dumps(inputs)}, "call", tests["fn_name"],
+                                limits=limits)
+            # APPS and TACO often store a returned value wrapped in a list: [value]
+            return ran is not None and all(got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
+                                           for got, want in zip(json.loads(ran[1]), outputs))
+        for stdin, expected in zip(inputs, outputs):  # stdin/stdout: one process per input, as a judge runs it
+            ran = run_sandboxed({"program.py": code}, "stdio", stdin=_as_text(stdin), limits=limits)
+            if ran is None or not _same_output(ran[0], _as_text(expected)):
+                return False
+        return True
+    raise ValueError(f"not a code problem (HumanEval, MBPP or TACO layout): fields {sorted(problem)}")
+
+
+def grade(response: str, reference, task: str) -> bool:
+    """Reward r of a response: math compares its final answer with the reference answer; code runs its
+    program against the unit tests of the reference problem."""
+    return is_correct_code(response, reference) if task == "code" else is_correct(response, reference)
+
+
+def grade_batch(responses: list[str | None], references: list, task: str,
+                workers: int = os.cpu_count() or 1) -> list[bool]:
+    """Rewards of many responses; None stands for a response cut by the token limit (wrong, never run). Code
+    checks run in parallel, each waiting on its own process."""
+    reward = lambda response, reference: response is not None and grade(response, reference, task)  # noqa: E731
+    if task != "code":  # pure Python and quick: threads would only take turns
+        return list(map(reward, responses, references))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(reward, responses, references))
+
+
 # ============================================================================= batched generation
 @dataclasses.dataclass
 class Generation:
@@ -181,12 +483,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int | list[int],
              temperature: float = 1.0, top_p: float = 1.0, stop_at: torch.Tensor | None = None,
              batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None) -> list[Generation]:
     """Continue every prompt (token ids) until EOS, the token limit or, when stop_at ([V] bool) is given,
-    the first token it marks (one-step generation). Batched with the KV cache; prompts are left padded."""
+    the first token it marks (one-step generation). Batched with the KV cache; prompts are left padded.
+    max_new_tokens is one limit for all, or one per prompt."""
     device = next(model.parameters()).device
+    budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     results: list[Generation | None] = [None] * len(prompts)
     stop_at = stop_at.to(device) if stop_at is not None else None
@@ -200,9 +504,10 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
         logits, cache = lm_forward(model, ids, attn, position, last_only=True)
         logits = logits[:, -1]  # [B, V]
         done = torch.zeros(len(batch), dtype=torch.bool, device=device)  # [B]
+        limit = torch.tensor([budget[i] for i in batch], device=device)  # [B]
         finish = ["length"] * len(batch)
         new_tokens = []
-        for _ in range(max_new_tokens):
+        for t in range(max(budget[i] for i in batch)):
             token = sample_next(logits, temperature, top_p, generator)  # [B]
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new_tokens.append(token)
@@ -212,7 +517,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
                 finish[j] = "eos"
             for j in ended_step.nonzero().flatten().tolist():
                 finish[j] = "step"
-            done |= ended_eos | ended_step
+            done |= ended_eos | ended_step | (t + 1 >= limit)  # the limit ends a row as "length"
             if done.all():
                 break
             attn = torch.cat([attn, (~done).long()[:, None]], dim=1)  # [B, L+t] finished rows attend to nothing new
@@ -221,7 +526,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
             logits = logits[:, -1]  # [B, V]
         generated = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in batch]  # [B, t]
         for j, i in enumerate(batch):
-            length = len(generated[j])
+            length = min(len(generated[j]), budget[i])
             if finish[j] != "length":  # keep up to and including the token that ended it
                 length = next(k for k, t in enumerate(generated[j]) if t == eos_id or (
                     finish[j] == "step" and bool(stop_at[t]))) + 1
@@ -251,14 +556,16 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
                temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
-    # 1. Generator: n1 samples per question, graded; keep n balanced.
+    # 1. Generator: n1 samples per question, graded (a sample cut by the token limit is wrong); keep n balanced.
     prompts = [q["prompt_ids"] for q in questions for _ in range(cfg.n1)]
     samples = generate(model, prompts, desc="generator", **gen)
+    rewards = grade_batch([decode(s.ids) if s.finish == "eos" else None for s in samples],
+                          [q["answer"] for q in questions for _ in range(cfg.n1)], cfg.task)
     records = []
-    for qi, q in enumerate(questions):
+    for qi in range(len(questions)):
         mine = samples[qi * cfg.n1: (qi + 1) * cfg.n1]
-        graded = [(s.ids, s.finish == "eos" and is_correct(decode(s.ids), q["answer"])) for s in mine]
-        records.append({"kept": select_balanced(graded, cfg.n), "tokens": sum(len(s.ids) for s in mine)})
+        graded = [(s.ids, ok) for s, ok in zip(mine, rewards[qi * cfg.n1: (qi + 1) * cfg.n1])]
+        records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine)})
 
     # 2. States: every step prefix s_0..s_{T-1} of every kept solution (s_0, shared by all, only once).
     states = []  # (question index, response ids so far, step index t)
@@ -272,16 +579,21 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
                     seen.add(tuple(prefix))
                     states.append((qi, prefix, t))
 
-    # 3. Completer: M completions to the end from every state.
+    # 3. Completer: M completions to the end from every state, graded. max_new_tokens limits the whole
+    # solution, so a completion from s_t gets what the steps before it left over.
     prompts = [questions[qi]["prompt_ids"] + prefix for qi, prefix, _ in states for _ in range(cfg.M)]
-    completions = generate(model, prompts, desc="completer", **gen)
+    budgets = [cfg.max_new_tokens - len(prefix) for _, prefix, _ in states for _ in range(cfg.M)]
+    completions = generate(model, prompts, desc="completer", **{**gen, "max_new_tokens": budgets})
+    rewards = grade_batch([decode(prefix + c.ids) if c.finish == "eos" else None
+                           for (_, prefix, _), c in zip([s for s in states for _ in range(cfg.M)], completions)],
+                          [questions[qi]["answer"] for qi, _, _ in states for _ in range(cfg.M)], cfg.task)
 
     # 4. MC labels and candidate actions (the first step of each completion).
     state_records: list[list[dict]] = [[] for _ in questions]
     label_of: list[dict] = [{} for _ in questions]
     for si, (qi, prefix, t) in enumerate(states):
         q, comps = questions[qi], completions[si * cfg.M: (si + 1) * cfg.M]
-        correct = [c.finish == "eos" and is_correct(decode(prefix + c.ids), q["answer"]) for c in comps]
+        correct = rewards[si * cfg.M: (si + 1) * cfg.M]
         actions = []
         for c, ok in zip(comps, correct):
             first = split_steps(c.ids, is_delim, eos)[0] if c.ids else []
@@ -312,7 +624,12 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
 
 
 def load_questions(cfg: Config, tok) -> list[dict]:
-    rows = read_jsonl(cfg.data, required=(cfg.question_field, cfg.answer_field))
+    if cfg.task not in ("math", "code"):
+        raise InputError(f"--task must be math or code, got {cfg.task!r}")
+    code = cfg.task == "code"
+    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field))
+    # The default instruction asks for \boxed{}: code gets its own unless one is given.
+    instruction = CODE_INSTRUCTION if code and cfg.instruction == DEFAULT_INSTRUCTION else cfg.instruction
     if cfg.max_questions:
         rows = rows[: cfg.max_questions]
     questions, seen = [], set()
@@ -323,8 +640,13 @@ def load_questions(cfg: Config, tok) -> list[dict]:
         seen.add(qid)
         if not isinstance(r[cfg.question_field], str) or not r[cfg.question_field].strip():
             raise InputError(f"{cfg.data} line {r['_line']}: field {cfg.question_field!r} must be a non-empty string")
-        questions.append({"qid": qid, "question": r[cfg.question_field], "answer": str(r[cfg.answer_field]),
-                          "prompt_ids": build_prompt_ids(tok, r[cfg.question_field], cfg.instruction)})
+        if code and code_layout(r) is None:
+            raise InputError(f"{cfg.data} line {r['_line']}: not a code problem with tests: it needs prompt, test and "
+                             "entry_point (HumanEval), test_list (MBPP) or input_output (TACO)")
+        reference = {k: v for k, v in r.items() if k != "_line"} if code else str(r[cfg.answer_field])
+        question = code_question(r[cfg.question_field], reference) if code else r[cfg.question_field]
+        questions.append({"qid": qid, "question": question, "answer": reference,
+                          "prompt_ids": build_prompt_ids(tok, question, instruction)})
     return questions
 
 

@@ -33,6 +33,6 @@ def toy_rollout(toy_dir, tmp_path_factory):
     """rollout.py on 12 toy questions with tiny settings: states.jsonl, solutions.jsonl, summary.json."""
     out = tmp_path_factory.mktemp("rollout")
     run_script("rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
-               "--out_dir", str(out), "--max_questions", "12", "--n1", "4", "--n", "2", "--M", "4",
+               "--out_dir", str(out), "--max_questions", "12", "--n1", "4", "--n_keep", "2", "--M", "4",
                "--max_new_tokens", "40", "--questions_per_chunk", "6")
     return out

@@ -14,8 +14,8 @@ Solution, one step per line, the last step boxing the answer:
     5*3=5
     5-1=\\boxed{4}
 
-Why the warm start is imperfect. Its supervised data contains a SYSTEMATIC mistake: a product of 10 or
-more is written as its tens digit (5*3=1 instead of 5). It is made with probability `trap_error` > 1/2, so
+Why the warm start is imperfect. Its supervised data contains a SYSTEMATIC mistake: a subtraction is done
+as an addition (5+2=7 where the question says "Subtract 2."). It is made with probability `trap_error` > 1/2, so
 the warm start prefers the wrong step and greedy decoding cannot hide it; later steps continue from the
 wrong value, as a student's would. DAPO has to find, from rewards alone, that the other step is better.
 """
@@ -47,7 +47,7 @@ class Config:
     num_test: int = arg(300, "held-out test questions (another seed, none equal to a training question)")
     min_ops: int = arg(3, "fewest operations in a problem")
     max_ops: int = arg(4, "most operations in a problem")
-    trap_error: float = arg(0.85, "probability that the warm-start data writes the tens digit of a product >= 10")
+    trap_error: float = arg(0.85, "probability that the warm-start data adds where it should subtract")
     sft_examples: int = arg(32000, "supervised (warm start) examples, drawn fresh with the mistakes above")
     sft_batch_size: int = arg(64, "warm start batch size")
     sft_lr: float = arg(1e-3, "warm start peak learning rate")
@@ -63,7 +63,7 @@ def make_problem(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
     num_ops = rng.randint(CFG.min_ops, CFG.max_ops)
     ops = []
     for _ in range(num_ops):
-        op = rng.choice("+-*")
+        op = rng.choices("+-*", weights=(2, 1, 2))[0]
         ops.append((op, rng.randint(2, 3) if op == "*" else rng.randint(1, 3)))
     return rng.randint(0, 9), ops
 
@@ -76,21 +76,21 @@ def apply(op: str, a: int, k: int) -> int:
     return (a + k) % 10 if op == "+" else (a - k) % 10 if op == "-" else (a * k) % 10
 
 
-def is_trap(op: str, a: int, k: int) -> bool:
-    return op == "*" and a * k >= 10
+def is_trap(op: str) -> bool:
+    return op == "-"
 
 
-def mistake(op: str, a: int, k: int) -> int:
-    return (a * k) // 10  # the tens digit instead of the units digit
+def mistake(op: str) -> str:
+    return "+"  # the sign mixed up: adds where the question says subtract
 
 
 def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, trap_error: float = 0.0) -> list[str]:
     """The worked solution; with rng, each trap step is done wrong with probability trap_error."""
     steps, value = [], start
     for i, (op, k) in enumerate(ops):
+        if rng is not None and is_trap(op) and rng.random() < trap_error:
+            op = mistake(op)
         new = apply(op, value, k)
-        if rng is not None and is_trap(op, value, k) and rng.random() < trap_error:
-            new = mistake(op, value, k)
         last = i == len(ops) - 1
         steps.append(f"{value}{op}{k}=" + (f"\\boxed{{{new}}}" if last else f"{new}\n"))
         value = new

@@ -1,0 +1,362 @@
+"""DAPO stage A, the critic: a value model V_phi(s) trained on the Monte-Carlo labels of rollout.py
+(ALGORITHM.md section 3).
+
+The model: a causal-LM backbone (by default the policy being improved) and a linear value head on the hidden
+state of a state's last token, squashed by a sigmoid, so V(s) in (0, 1) estimates the probability that the
+policy, continuing from s, ends with a correct answer. It estimates V^{pi_ref}; it is not a PRM.
+
+Training, one pass per solution:
+  1. Read solutions.jsonl: each kept solution's token ids, where each state s_t ends (step_ends[t]) and its
+     MC label V_hat(s_t) (mc_values[t]).
+  2. Hold out whole questions (never single states: states of one question share prefixes, so a split by
+     state would leak) for the metrics.
+  3. Causal attention means the hidden state at position step_ends[t] - 1 of the whole solution is the
+     hidden state of s_t on its own: ONE forward pass gives V(s_0), ..., V(s_{T-1}).
+  4. Loss against the MC label: MSE (arXiv version, the default) or soft-label binary cross-entropy
+     (NeurIPS version: no vanishing gradient when V saturates). AdamW, warm-up then linear decay,
+     gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+  5. Held-out MSE, Pearson r and a calibration table (predicted V in bins vs. mean MC label), printed and
+     written to out_dir/metrics.json; the critic is saved as one directory that `load_critic` reads back.
+
+    python critic.py --rollout_dir runs/toy/rollout --init runs/toy/sft --out_dir runs/toy/critic
+    torchrun --nproc_per_node=8 critic.py ...          # same flags; --batch_size stays the global batch
+    python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
+
+Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults). A killed run resumes
+from out_dir.ckpt when rerun with the same command; out_dir itself appears only when the critic is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, load_pretrained,
+                    finalize_dir, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
+                    save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+
+HEAD_FILE = "value_head.pt"
+
+
+@dataclasses.dataclass
+class Config:
+    rollout_dir: str = arg("runs/toy/rollout", "rollout.py output directory (its solutions.jsonl is the training data)")
+    init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory or hub name (the policy by default)")
+    init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); --init is then unused")
+    out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) goes")
+    loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
+    lr: float = arg(5e-6, "peak learning rate (paper, 7B: 5e-6)")
+    epochs: int = arg(1, "passes over the training solutions (paper: 1)")
+    batch_size: int = arg(512, "solutions per optimizer step over all ranks (paper: 512)")
+    micro_batch_size: int = arg(8, "solutions per forward pass per rank; gradients accumulate up to --batch_size")
+    warmup_fraction: float = arg(0.05, "fraction of the steps spent warming the learning rate up (then linear decay)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: no clipping)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more compute")
+    heldout_fraction: float = arg(0.05, "fraction of QUESTIONS held out for the metrics (0: none)")
+    eval_batch_size: int = arg(64, "solutions per forward pass when measuring the held-out metrics")
+    seed: int = arg(0, "seed of the data order")
+    log_every: int = arg(10, "print a line of metrics every N optimizer steps")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt every N optimizer steps")
+    stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+
+
+# ============================================================================= the model
+class Critic(torch.nn.Module):
+    """V_phi(s) = sigmoid(w . h(s) + b), h(s) the backbone's last hidden state at the last token of s."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone  # the transformer without its LM head: only hidden states are needed
+        self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        # Zero weights: a fresh critic says V = 0.5 everywhere, the least committed guess, whatever the backbone.
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_backbone(cls, path: str, device) -> "Critic":
+        """A fresh value head on the transformer of a causal-LM checkpoint (or of a critic directory)."""
+        from transformers import AutoModel
+
+        check_model_path(path, "critic backbone")
+        try:
+            backbone = load_pretrained(AutoModel, path, torch.float32)  # a GGUF file works too, dequantised
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: cannot load a backbone ({e})") from None
+        return cls(backbone).to(device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
+        """[B, T] token ids -> [B, T]: V of the prefix ending at every position (logits of V if asked)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+        logits = self.value_head(hidden).squeeze(-1)  # [B, T]
+        return logits if return_logits else torch.sigmoid(logits)
+
+
+def save_critic(critic: Critic, tokenizer, out_dir: str) -> None:
+    """One directory: the backbone (save_pretrained), the value head and the tokenizer. Written beside
+    out_dir and renamed into place, so a directory named out_dir is always a complete critic."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    critic.backbone.save_pretrained(tmp)
+    torch.save(critic.value_head.state_dict(), os.path.join(tmp, HEAD_FILE))
+    tokenizer.save_pretrained(tmp)
+    finalize_dir(tmp, out_dir)
+
+
+def load_critic(path: str, device) -> Critic:
+    """The critic saved by save_critic, ready for training or inference."""
+    if not os.path.isfile(os.path.join(path, HEAD_FILE)):
+        raise InputError(f"{path}: not a critic directory (no {HEAD_FILE}); train one with critic.py")
+    critic = Critic.from_backbone(path, device)
+    critic.value_head.load_state_dict(torch.load(os.path.join(path, HEAD_FILE), map_location=device, weights_only=True))
+    return critic
+
+
+def pad_right(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: under causal attention a real token never sees the padding after it, so its hidden
+    state (and position) is what it would be without padding."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)  # [B, T]
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)  # [B, T]
+    return ids, mask
+
+
+@torch.no_grad()
+def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[int]], batch_size: int = 64) -> list[list[float]]:
+    """V at the given positions of each token sequence, one forward pass per sequence: values[i][k] is
+    V(sequences[i][: positions[i][k] + 1])."""
+    device = next(critic.parameters()).device
+    was_training = critic.training
+    critic.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths share a batch
+    values: list[list[float]] = [[] for _ in sequences]
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        ids, mask = pad_right([sequences[i] for i in batch], device)  # [B, T]
+        with autocast(device):
+            v = critic(ids, mask).float()  # [B, T]
+        for row, i in enumerate(batch):
+            values[i] = v[row, positions[i]].tolist()
+    critic.train(was_training)
+    return values
+
+
+def critic_values(critic: Critic, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
+    """V(s) for states given as token ids (prompt + steps): the value at each sequence's last token."""
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("critic_values: a state needs at least one token (its prompt)")
+    return [v[0] for v in values_at(critic, sequences, [[len(s) - 1] for s in sequences], batch_size)]
+
+
+# ============================================================================= the loss
+def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-state loss of the critic against the MC label V_hat(s) (ALGORITHM.md section 3); [N] -> [N].
+    mse: (V(s) - V_hat(s))^2, the arXiv version.
+    bce: -[V_hat log V + (1 - V_hat) log(1 - V)], the NeurIPS version (computed from the logits: stable)."""
+    if kind == "mse":
+        return (torch.sigmoid(logits) - mc_value) ** 2
+    return F.binary_cross_entropy_with_logits(logits, mc_value, reduction="none")
+
+
+# ============================================================================= data
+def load_solutions(path: str) -> list[dict]:
+    """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values} per solution, where
+    value_positions[t] = step_ends[t] - 1 is the last token of state s_t."""
+    solutions = []
+    for r in read_jsonl(path, required=("qid", "ids", "step_ends", "mc_values")):
+        where = f"{path} line {r['_line']}"
+        ids, ends, labels = r["ids"], r["step_ends"], r["mc_values"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise InputError(f"{where}: 'ids' must be a non-empty list of token ids")
+        if not isinstance(ends, list) or not isinstance(labels, list) or not ends or len(ends) != len(labels):
+            raise InputError(f"{where}: 'step_ends' and 'mc_values' must be non-empty lists of the same length")
+        if not all(isinstance(e, int) and 1 <= e <= len(ids) for e in ends):
+            raise InputError(f"{where}: every step end must be a position in 1..len(ids) = {len(ids)}")
+        if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in labels):
+            raise InputError(f"{where}: MC labels must be numbers in [0, 1], got {labels}")
+        # Tokens after the last state's end (the final action) carry no label: drop them.
+        solutions.append({"qid": str(r["qid"]), "ids": ids[: max(ends)], "value_positions": [e - 1 for e in ends],
+                          "mc_values": [float(v) for v in labels]})
+    return solutions
+
+
+def split_by_question(solutions: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held-out), split by question. The held-out questions are those whose id hashes lowest: the
+    same questions in every run and every DAPO iteration, so a warm-started critic never saw them."""
+    qids = sorted({s["qid"] for s in solutions}, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
+    n_out = min(len(qids) - 1, math.ceil(heldout_fraction * len(qids))) if heldout_fraction > 0 else 0
+    heldout = set(qids[:n_out])
+    return [s for s in solutions if s["qid"] not in heldout], [s for s in solutions if s["qid"] in heldout]
+
+
+def collate(solutions: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-batch: right-padded ids and mask [B, T], and for every state its row, position and label [N]."""
+    ids, mask = pad_right([s["ids"] for s in solutions], device)  # [B, T]
+    rows = torch.tensor([b for b, s in enumerate(solutions) for _ in s["value_positions"]], device=device)  # [N]
+    cols = torch.tensor([p for s in solutions for p in s["value_positions"]], device=device)  # [N]
+    labels = torch.tensor([v for s in solutions for v in s["mc_values"]], device=device)  # [N]
+    return ids, mask, rows, cols, labels
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of the training solutions in an epoch: the same on every rank and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch)).tolist()
+
+
+# ============================================================================= held-out metrics
+def heldout_metrics(critic: Critic, heldout: list[dict], batch_size: int, bins: int = 10) -> dict:
+    """MSE, Pearson r and a calibration table over the held-out states, each state once (s_0 and shared
+    prefixes appear in several solutions of a question)."""
+    values = values_at(critic, [s["ids"] for s in heldout], [s["value_positions"] for s in heldout], batch_size)
+    pairs = {}
+    for s, vs in zip(heldout, values):
+        for p, v, label in zip(s["value_positions"], vs, s["mc_values"]):
+            pairs[(s["qid"], tuple(s["ids"][: p + 1]))] = (v, label)
+    pred, label = torch.tensor(list(pairs.values()), dtype=torch.float64).T  # [N], [N]
+    r = torch.corrcoef(torch.stack([pred, label]))[0, 1].item() if len(pred) > 1 else float("nan")
+    table = []
+    which = (pred * bins).long().clamp(max=bins - 1)  # [N] bin of each prediction
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            table.append({"bin": [b / bins, (b + 1) / bins], "states": int(inside.sum()),
+                          "mean_predicted": pred[inside].mean().item(), "mean_label": label[inside].mean().item()})
+    return {"questions": len({s["qid"] for s in heldout}), "states": len(pred),
+            "mse": ((pred - label) ** 2).mean().item(), "pearson_r": None if math.isnan(r) else r,
+            "calibration": table}
+
+
+def print_metrics(m: dict) -> None:
+    r = "undefined (constant)" if m["pearson_r"] is None else f"{m['pearson_r']:.3f}"
+    print(f"held-out: {m['questions']} questions, {m['states']} states | MSE {m['mse']:.4f} | Pearson r {r}")
+    print("calibration:  predicted V   states   mean V   mean MC label")
+    for row in m["calibration"]:
+        lo, hi = row["bin"]
+        print(f"              [{lo:.1f}, {hi:.1f})  {row['states']:7d}   {row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
+
+
+# ============================================================================= training
+def main() -> None:
+    cfg = parse_config(Config)
+    ddp = setup_distributed()
+    if cfg.loss not in ("mse", "bce"):
+        raise InputError(f"--loss must be mse or bce, got {cfg.loss!r}")
+    if cfg.batch_size % (cfg.micro_batch_size * ddp.world_size):
+        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
+                         f"= {cfg.micro_batch_size * ddp.world_size}")
+    seed_everything(cfg.seed)
+
+    # 1-2. Data, validated in full before anything is written; held-out questions set aside.
+    path = os.path.join(cfg.rollout_dir, "solutions.jsonl")
+    train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
+    steps_per_epoch = len(train) // cfg.batch_size  # a last partial batch is dropped: every rank does the same work
+    if steps_per_epoch == 0:
+        raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch (--batch_size {cfg.batch_size})")
+    total_steps = steps_per_epoch * cfg.epochs
+    accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+
+    # The critic: a warm start from the previous critic, or a fresh head on the backbone.
+    source = cfg.init_critic or cfg.init
+    tok = load_tokenizer(source)
+    critic = load_critic(source, ddp.device) if cfg.init_critic else Critic.from_backbone(source, ddp.device)
+    vocab = critic.backbone.get_input_embeddings().num_embeddings
+    if max(t for s in train + heldout for t in s["ids"]) >= vocab:
+        raise InputError(f"{path}: token ids beyond the critic's vocabulary ({vocab}); the critic must share the policy's tokenizer")
+    if cfg.gradient_checkpointing:
+        backbone = critic.backbone  # transformers 5 renamed gradient to activation checkpointing
+        enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    critic.train()
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # Resume: a checkpoint of this run replaces the freshly built model and optimizer.
+    ckpt_path = cfg.out_dir.rstrip("/") + ".ckpt"
+    step, loss, ckpt = 0, None, load_checkpoint(ckpt_path)
+    if ckpt is not None:
+        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "checkpoint_every", "stop_after")}
+        theirs = {k: ckpt["config"].get(k) for k in ours}
+        if ours != theirs:
+            changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
+            raise InputError(f"{ckpt_path}: checkpoint of a run with other settings ({changed}); delete it to start over")
+        critic.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, loss = ckpt["step"], ckpt["train_loss"]
+    model = DDP(critic, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if ddp.world_size > 1 else critic
+    if ddp.is_main:
+        print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states), "
+              f"{len(heldout)} held out | {total_steps} steps of {cfg.batch_size} solutions = {accum} micro-batch(es) "
+              f"of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}"
+              + (f" | resuming from step {step}" if step else ""))
+
+    # 3-4. One forward pass per solution gives V at every step boundary; the loss is the mean over the
+    # global batch's states.
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train), cfg.seed, epoch)
+        batch = [train[i] for i in order[k * cfg.batch_size: (k + 1) * cfg.batch_size]]
+        num_states = sum(len(s["mc_values"]) for s in batch)  # over all ranks: every rank sees the whole batch
+        mine = batch[ddp.rank:: ddp.world_size]
+        lr = lr_at(step, total_steps, int(cfg.warmup_fraction * total_steps), cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(accum):
+            ids, mask, rows, cols, labels = collate(mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
+            if ddp.world_size > 1:  # all-reduce the gradients once, on the last micro-step, not on every one
+                model.require_backward_grad_sync = micro == accum - 1
+            with autocast(ddp.device):
+                logits = model(ids, mask, return_logits=True)  # [B, T]
+            per_state = critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
+            # DDP averages gradients over ranks: x world_size / (states in the global batch) makes the gradient
+            # the mean over the global batch, however it is split into ranks and micro-batches.
+            (per_state.sum() * ddp.world_size / num_states).backward()
+            loss_sum += per_state.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = all_ranks_sum(loss_sum) / num_states
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
+            tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
+                       f"grad norm {grad_norm.item():.3f} | {time.time() - t0:.1f}s")
+        if ddp.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.stop_after):
+            save_checkpoint(ckpt_path, {"model": critic.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "step": step, "train_loss": loss, "config": dataclasses.asdict(cfg)})
+        if step == cfg.stop_after and step < total_steps:
+            if ddp.is_main:
+                tqdm.write(f"stopped after step {step} (--stop_after); rerun the same command to resume from {ckpt_path}")
+            cleanup_distributed()
+            return
+    bar.close()
+
+    # 5. Held-out metrics, then the critic directory; the checkpoint goes last (a kill before that resumes
+    # at the final step and only redoes this).
+    if ddp.is_main:
+        metrics = heldout_metrics(critic, heldout, cfg.eval_batch_size) if heldout else None
+        if metrics:
+            print_metrics(metrics)
+        save_critic(critic, tok, cfg.out_dir)
+        write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), {
+            "heldout": metrics, "train_solutions": len(train), "steps": total_steps, "final_train_loss": loss,
+            "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+        print(f"critic saved to {cfg.out_dir}")
+    cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved
+
+
+if __name__ == "__main__":
+    run(main)

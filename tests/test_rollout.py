@@ -1,0 +1,490 @@
+"""rollout.py: steps in token space, the batched generation engine, MC labels against a policy whose true
+values are known, balanced selection, and the script end to end (plain, torchrun, killed and resumed,
+bad input)."""
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common
+import rollout
+from common import DEFAULT_INSTRUCTION, build_prompt_ids, delimiter_token_mask, split_steps
+from conftest import ROOT, run_script
+from rollout import Config, generate, mc_value, rollout_chunk, select_balanced
+
+
+# ============================================================================= tiny tokenizers
+def word_tokenizer(pieces: list[str]):
+    """A Hugging Face fast tokenizer whose vocabulary is exactly `pieces` (matched longest first)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "</s>", "<unk>"] + pieces
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    pattern = "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def merged_newline_bpe():
+    """A byte-pair tokenizer whose merges put "\\n" inside longer tokens (".\\n", "\\n\\n"), as real ones do."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1}
+    for piece in list("abcdefghijklmnopqrstuvwxyz .=+0123456789\n") + [".\n", "\n\n", "st", "ep", "step"]:
+        vocab[piece] = len(vocab)
+    merges = [(".", "\n"), ("\n", "\n"), ("s", "t"), ("e", "p"), ("st", "ep")]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>")
+
+
+def toy_tokenizer():
+    spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(ROOT, "data", "toy", "prepare.py"))
+    prepare = sys.modules["toy_prepare"] = importlib.util.module_from_spec(spec)  # dataclasses need it registered
+    spec.loader.exec_module(prepare)
+    return prepare.build_tokenizer([DEFAULT_INSTRUCTION, "\\boxed{}", "Start with 3. Add 4. Multiply by 2. Subtract 5."])
+
+
+# ============================================================================= steps in token space
+def test_split_steps_toy_tokenizer():
+    tok = toy_tokenizer()
+    eos = tok.eos_token_id
+    is_delim = delimiter_token_mask(tok, "\n")
+    assert [tok.decode([i]) for i in is_delim.nonzero().flatten().tolist()] == ["\n"]
+    steps_text = ["3+4=7\n", "7*2=4\n", "4-5=\\boxed{9}"]
+    ids = tok("".join(steps_text)).input_ids + [eos]
+    steps = split_steps(ids, is_delim, eos)
+    assert [tok.decode(s, skip_special_tokens=True) for s in steps] == steps_text
+    assert sum(steps, []) == ids and steps[-1][-1] == eos  # EOS belongs to the last action
+    # Tokens after EOS are no part of the response; a response cut by the limit keeps its partial last step.
+    assert split_steps(ids + ids[:3], is_delim, eos) == steps
+    cut = ids[:-4]
+    assert split_steps(cut, is_delim, eos) == steps[:2] + [steps[2][:-4]]
+
+
+def test_split_steps_merged_newline_tokens():
+    tok = merged_newline_bpe()
+    eos = tok.eos_token_id
+    is_delim = delimiter_token_mask(tok, "\n")
+    marked = {tok.convert_ids_to_tokens(i) for i in is_delim.nonzero().flatten().tolist()}
+    assert marked == {"\n", ".\n", "\n\n"}
+    text = "step one.\nstep two\n\nso 3+4=7.\nlast"
+    ids = tok(text).input_ids
+    assert tok.convert_ids_to_tokens(ids).count(".\n") == 2 and "\n\n" in tok.convert_ids_to_tokens(ids)
+    steps = split_steps(ids + [eos], is_delim, eos)
+    assert [tok.decode(s) for s in steps] == ["step one.\n", "step two\n\n", "so 3+4=7.\n", "last</s>"]
+    for step in steps[:-1]:  # a step ends at the FIRST token containing the delimiter, and only there
+        assert is_delim[step[-1]] and not is_delim[step[:-1]].any()
+    # Every state is an exact token prefix of the solution. Cutting the TEXT at "\n" and re-tokenising
+    # the state would not be: "two\n" + "\nso" gives other ids than "two\n\nso" (the pitfall of ALGORITHM.md 1).
+    for t in range(len(steps)):
+        state = sum(steps[:t], [])
+        assert ids[: len(state)] == state
+    text_state = text[: text.index("\n", text.index("two")) + 1]  # "step one.\nstep two\n"
+    assert tok(text_state).input_ids != ids[: len(tok(text_state).input_ids)]
+
+
+def test_delimiter_is_a_setting():
+    tok = merged_newline_bpe()
+    is_delim = delimiter_token_mask(tok, "\n\n")
+    assert {tok.convert_ids_to_tokens(i) for i in is_delim.nonzero().flatten().tolist()} == {"\n\n"}
+    ids = tok("a.\nb\n\nc").input_ids + [tok.eos_token_id]
+    assert [tok.decode(s) for s in split_steps(ids, is_delim, tok.eos_token_id)] == ["a.\nb\n\n", "c</s>"]
+
+
+# ============================================================================= a scripted policy
+PIECES = ["Q", "good\n", "bad\n", "\\boxed{1}", "\\boxed{0}"]
+PAD, EOS, _, Q, GOOD, BAD, RIGHT, WRONG = range(8)
+
+
+class SeenLength:
+    """The scripted model's KV cache: all it needs is how many positions it has seen. Like a Hugging Face
+    cache it lets an engine drop finished rows."""
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        pass
+
+
+class ScriptedLM(torch.nn.Module):
+    """A policy whose next-token distribution depends only on the last token, behind the Hugging Face
+    causal-LM interface that rollout.generate drives. It checks what the engine feeds it: left padding,
+    an attention mask as long as prompt + cache, and positions that count real tokens only."""
+
+    def __init__(self, next_token_probs: dict[int, dict[int, float]]):
+        super().__init__()
+        table = torch.zeros(8, 8)  # [V, V] row: distribution of the next token after a token
+        table[:, EOS] = 1.0  # pad, EOS, ...: anything unscripted ends
+        for token, dist in next_token_probs.items():
+            table[token] = 0.0
+            for nxt, p in dist.items():
+                table[token, nxt] = p
+        self.logits_table = torch.nn.Parameter(table.log(), requires_grad=False)  # [V, V]
+
+    def forward(self, input_ids, attention_mask, position_ids=None, cache=None, use_cache=True, logits_to_keep=0):
+        past = cache.length if cache is not None else 0
+        batch, length = input_ids.shape
+        assert attention_mask.shape == (batch, past + length)
+        if past == 0:
+            assert attention_mask[:, -1].all(), "prompts must be left padded"
+        live = attention_mask[:, -1].bool()  # rows still generating
+        assert torch.equal(position_ids[live, -1], attention_mask[live].sum(-1) - 1)
+        logits = self.logits_table[input_ids]  # [B, L, V]
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return SimpleNamespace(logits=logits, cache=SeenLength(past + length))
+
+
+# First step "good" or "bad" (1/2 each); then the boxed answer, right with probability 0.8 after a good
+# step and 0.3 after a bad one; then EOS. True values: V(s0) = 0.55, V(s0 good) = 0.8, V(s0 bad) = 0.3.
+STOCHASTIC = {Q: {GOOD: 0.5, BAD: 0.5}, GOOD: {RIGHT: 0.8, WRONG: 0.2}, BAD: {RIGHT: 0.3, WRONG: 0.7}}
+TRUE_VALUE = {(): 0.55, (GOOD,): 0.8, (BAD,): 0.3}
+DETERMINISTIC = {Q: {GOOD: 1.0}, GOOD: {RIGHT: 1.0}}
+
+
+def within_bound(estimate: float, p: float, m: int) -> bool:
+    return abs(estimate - p) <= 4 * math.sqrt(p * (1 - p) / m) + 1e-12  # 4 standard errors
+
+
+def run_chunk(max_new_tokens: int, M: int = 400, seed: int = 0):
+    tok = word_tokenizer(PIECES)
+    cfg = Config(n1=8, n_keep=4, M=M, max_new_tokens=max_new_tokens, batch_size=512, temperature=1.0, top_p=1.0)
+    question = {"qid": "q0", "question": "Q", "answer": "1", "prompt_ids": [Q]}
+    g = torch.Generator().manual_seed(seed)
+    [record] = rollout_chunk(ScriptedLM(STOCHASTIC), tok, [question], cfg, delimiter_token_mask(tok, "\n"), g)
+    return record
+
+
+def test_mc_labels_match_true_values():
+    M = 400
+    record = run_chunk(max_new_tokens=5, M=M)
+    by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+    assert set(by_prefix) == set(TRUE_VALUE)  # s0 once, and both possible s1
+    for prefix, state in by_prefix.items():
+        assert state["t"] == len(prefix) and state["mc_value"] == state["num_correct"] / M
+        assert within_bound(state["mc_value"], TRUE_VALUE[prefix], M), (prefix, state["mc_value"])
+        assert len(state["actions"]) == M
+    # Candidate actions: the first step of each completion. From s0 that is "good" or "bad" (not terminal);
+    # from s1 it is the boxed answer + EOS (terminal), whose rewards average to the MC label.
+    first = by_prefix[()]["actions"]
+    assert all(a["ids"] in ([GOOD], [BAD]) and not a["terminal"] and a["reward"] is None for a in first)
+    assert within_bound(sum(a["ids"] == [GOOD] for a in first) / M, 0.5, M)
+    for prefix in [(GOOD,), (BAD,)]:
+        state = by_prefix[prefix]
+        assert all(a["terminal"] and a["ids"] in ([RIGHT, EOS], [WRONG, EOS]) for a in state["actions"])
+        assert all(a["reward"] == float(a["ids"][0] == RIGHT) for a in state["actions"])
+        assert sum(a["reward"] for a in state["actions"]) == state["num_correct"]
+    # The kept solutions carry the same labels at their step boundaries.
+    for sol in record["solutions"]:
+        assert sol["correct"] == (sol["ids"][-2] == RIGHT) and sol["step_ends"] == [1, 2]
+        assert sol["mc_values"] == [by_prefix[()]["mc_value"], by_prefix[(sol["ids"][1],)]["mc_value"]]
+
+
+def test_completion_cut_by_token_limit_counts_as_wrong():
+    # Two new tokens cannot finish from s0 ("good", "\boxed{1}", EOS), even when the answer is right.
+    record = run_chunk(max_new_tokens=2, M=100)
+    by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+    assert by_prefix[()]["mc_value"] == 0.0 and not any(s["correct"] for s in record["solutions"])
+    assert by_prefix[()]["num_correct"] == 0
+    # The limit is on the whole solution: from s1 only one of the two tokens is left, so nothing finishes.
+    assert all(s["mc_value"] == 0.0 for s in record["states"])
+    # Three tokens are enough for a whole solution: s0's label is an estimate of its true value again.
+    record = run_chunk(max_new_tokens=3, M=100)
+    by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+    assert within_bound(by_prefix[()]["mc_value"], TRUE_VALUE[()], 100)
+    for prefix in [(GOOD,), (BAD,)]:
+        if prefix in by_prefix:
+            assert within_bound(by_prefix[prefix]["mc_value"], TRUE_VALUE[prefix], 100)
+
+
+def test_mc_value():
+    assert mc_value([True, False, False, True]) == 0.5 and mc_value([False] * 16) == 0.0 and mc_value([True]) == 1.0
+
+
+# ============================================================================= generate()
+def test_generate_finish_reasons_and_order():
+    model = ScriptedLM(DETERMINISTIC)
+    tok = word_tokenizer(PIECES)
+    prompts = [[Q], [Q, GOOD], [Q, GOOD, RIGHT], [Q, Q]]
+    kw = dict(eos_id=EOS, pad_id=PAD, temperature=0.0, batch_size=2)  # batches of mixed prompt lengths
+    full = generate(model, prompts, max_new_tokens=10, **kw)
+    assert [(r.ids, r.finish) for r in full] == [
+        ([GOOD, RIGHT, EOS], "eos"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD, RIGHT, EOS], "eos")]
+    step = generate(model, prompts, max_new_tokens=10, stop_at=delimiter_token_mask(tok, "\n"), **kw)
+    assert [(r.ids, r.finish) for r in step] == [
+        ([GOOD], "step"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD], "step")]
+    cut = generate(model, prompts, max_new_tokens=2, **kw)
+    assert [(r.ids, r.finish) for r in cut] == [
+        ([GOOD, RIGHT], "length"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD, RIGHT], "length")]
+    pad_is_eos = generate(model, prompts, max_new_tokens=10, **{**kw, "pad_id": EOS})
+    assert [(r.ids, r.finish) for r in pad_is_eos] == [(r.ids, r.finish) for r in full]
+
+
+def test_sample_next_temperature_and_top_p():
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log().repeat(2000, 1)  # [B, V]
+    g = torch.Generator().manual_seed(0)
+    assert (rollout.sample_next(logits, 0.0, 1.0, g) == 0).all()
+    assert (rollout.sample_next(logits, 1.0, 0.5, g) == 0).all()  # the nucleus holds only the top token
+    nucleus = rollout.sample_next(logits, 1.0, 0.8, g)
+    assert set(nucleus.tolist()) == {0, 1} and within_bound((nucleus == 0).float().mean().item(), 2 / 3, 2000)
+    full = rollout.sample_next(logits, 1.0, 1.0, g)
+    assert within_bound((full == 2).float().mean().item(), 0.1, 2000)
+
+
+@pytest.fixture(scope="module")
+def toy_policy(toy_dir):
+    tok = common.load_tokenizer(str(toy_dir / "sft"))
+    model = common.load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
+    questions = [json.loads(line)["question"] for line in open(toy_dir / "test.jsonl")][:6]
+    prompts = [build_prompt_ids(tok, q) for q in questions]
+    assert len({len(p) for p in prompts}) > 1  # the batch really needs padding
+    return tok, model, prompts
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt, eos, max_new_tokens):
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        ids.append(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item())
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+def test_left_padded_batch_matches_one_at_a_time(toy_policy):
+    tok, model, prompts = toy_policy
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0)
+    batched = generate(model, prompts, batch_size=len(prompts), **kw)
+    single = generate(model, prompts, batch_size=1, **kw)
+    reference = [greedy_without_cache(model, p, tok.eos_token_id, 40) for p in prompts]
+    assert [r.ids for r in batched] == [r.ids for r in single] == reference
+    assert all(r.finish == ("eos" if r.ids[-1] == tok.eos_token_id else "length") for r in batched)
+    assert any(r.finish == "eos" for r in batched)
+    # pad = EOS (models without a pad token) gives the same output
+    assert [r.ids for r in generate(model, prompts, batch_size=len(prompts), **{**kw, "pad_id": tok.eos_token_id})] == reference
+    # One-step generation stops at the first delimiter token: the first step of the full greedy solution.
+    is_delim = delimiter_token_mask(tok, "\n")
+    steps = generate(model, prompts, batch_size=len(prompts), stop_at=is_delim, **kw)
+    for r, full, whole in zip(steps, reference, batched):
+        assert r.ids == split_steps(full, is_delim, tok.eos_token_id)[0]
+        assert r.finish == ("step" if is_delim[r.ids[-1]] else whole.finish)
+    assert any(r.finish == "step" for r in steps)
+    cut = generate(model, prompts, batch_size=len(prompts), **{**kw, "max_new_tokens": 3})
+    for r, full in zip(cut, reference):
+        assert r.ids == full[:3] and r.finish == ("length" if len(full) > 3 or full[-1] != tok.eos_token_id else "eos")
+
+
+# ============================================================================= select_balanced
+def sol(i: int, ok: bool):
+    return ([i], ok)
+
+
+@pytest.mark.parametrize("n_right,n_wrong,n,kept_right,kept_wrong", [
+    (4, 4, 6, 3, 3), (1, 7, 6, 1, 5), (7, 1, 6, 5, 1), (8, 0, 6, 6, 0), (0, 8, 6, 0, 6), (2, 1, 6, 2, 1), (4, 4, 5, 2, 3)])
+def test_select_balanced(n_right, n_wrong, n, kept_right, kept_wrong):
+    samples = [sol(i, True) for i in range(n_right)] + [sol(100 + i, False) for i in range(n_wrong)]
+    kept = select_balanced(samples, n)
+    assert (sum(ok for _, ok in kept), sum(not ok for _, ok in kept)) == (kept_right, kept_wrong)
+    assert all(s in samples for s in kept)
+
+
+def test_select_balanced_drops_duplicates_and_is_as_balanced_as_possible():
+    samples = [sol(1, True)] * 5 + [sol(2, False)] * 5 + [sol(3, False)]
+    assert sorted(select_balanced(samples, 6)) == sorted([sol(1, True), sol(2, False), sol(3, False)])
+    for n_right in range(6):
+        for n_wrong in range(6):
+            for n in range(1, 7):
+                kept = select_balanced([sol(i, True) for i in range(n_right)] + [sol(10 + i, False) for i in range(n_wrong)], n)
+                right = sum(ok for _, ok in kept)
+                wrong = len(kept) - right
+                assert len(kept) == min(n, n_right + n_wrong) and len({tuple(ids) for ids, _ in kept}) == len(kept)
+                best = min(abs(r - (len(kept) - r)) for r in range(len(kept) + 1) if r <= n_right and len(kept) - r <= n_wrong)
+                assert abs(right - wrong) == best
+
+
+# ============================================================================= rollout.py end to end
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def question_ids(toy_dir, k):
+    return [r["id"] for r in read_lines(toy_dir / "train.jsonl")[:k]]
+
+
+def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
+    tok = common.load_tokenizer(str(toy_dir / "sft"))
+    eos, M = tok.eos_token_id, 4
+    is_delim = delimiter_token_mask(tok, "\n")
+    questions = {r["id"]: r for r in read_lines(toy_dir / "train.jsonl")}
+    states, solutions = read_lines(toy_rollout / "states.jsonl"), read_lines(toy_rollout / "solutions.jsonl")
+    summary = json.load(open(toy_rollout / "summary.json"))
+
+    assert [s["qid"] for s in states if s["t"] == 0] == question_ids(toy_dir, 12)  # s0 once, input order
+    state_of = {}
+    for s in states:
+        assert set(s) == {"qid", "t", "prompt_len", "state_ids", "state_text", "mc_value", "num_correct", "actions"}
+        prompt = build_prompt_ids(tok, questions[s["qid"]]["question"])
+        response = s["state_ids"][s["prompt_len"]:]
+        assert s["state_ids"][: s["prompt_len"]] == prompt and s["state_text"] == tok.decode(response, skip_special_tokens=True)
+        assert len(split_steps(response, is_delim, eos)) == s["t"] and (not response or is_delim[response[-1]])
+        assert s["mc_value"] == s["num_correct"] / M and len(s["actions"]) == M
+        for a in s["actions"]:
+            assert set(a) == {"ids", "text", "terminal", "reward"} and a["text"] == tok.decode(a["ids"], skip_special_tokens=True)
+            assert not is_delim[a["ids"][:-1]].any()  # one step: no delimiter before its last token
+            if a["terminal"]:
+                assert a["reward"] in (0.0, 1.0) and (a["ids"][-1] == eos or len(response) + len(a["ids"]) == 40)  # EOS or the solution's limit
+                ended = a["ids"][-1] == eos
+                text = tok.decode(response + a["ids"], skip_special_tokens=True)
+                graded = rollout.is_correct(text, questions[s["qid"]]["answer"])
+                assert a["reward"] == float(ended and graded)
+            else:
+                assert a["reward"] is None and is_delim[a["ids"][-1]]
+        assert sum(a["reward"] or 0 for a in s["actions"]) <= s["num_correct"]
+        state_of[(s["qid"], tuple(s["state_ids"]))] = s
+
+    per_question = {}
+    for sol in solutions:
+        assert set(sol) == {"qid", "prompt_len", "ids", "text", "correct", "step_ends", "mc_values"}
+        response = sol["ids"][sol["prompt_len"]:]
+        steps = split_steps(response, is_delim, eos)
+        assert sol["text"] == tok.decode(response, skip_special_tokens=True)
+        assert sol["correct"] == (response[-1] == eos and rollout.is_correct(sol["text"], questions[sol["qid"]]["answer"]))
+        assert sol["step_ends"][0] == sol["prompt_len"] and len(sol["step_ends"]) == len(steps) == len(sol["mc_values"])
+        assert sol["step_ends"] == sorted(set(sol["step_ends"])) and sol["step_ends"][-1] < len(sol["ids"])
+        for end, value in zip(sol["step_ends"], sol["mc_values"]):
+            state = state_of[(sol["qid"], tuple(sol["ids"][:end]))]  # every state is a prefix of its solution
+            assert state["mc_value"] == value and (end == sol["prompt_len"] or is_delim[sol["ids"][end - 1]])
+        per_question.setdefault(sol["qid"], []).append(sol)
+    # every state belongs to a kept solution, and at most n = 2 solutions per question
+    assert all(any(sol["ids"][: len(s["state_ids"])] == s["state_ids"] for sol in per_question[s["qid"]]) for s in states)
+    assert all(len(v) <= 2 for v in per_question.values()) and len(per_question) == 12
+
+    assert summary["questions"] == 12 and summary["states"] == len(states)
+    assert summary["kept_solutions"] == len(solutions) and summary["kept_correct"] == sum(s["correct"] for s in solutions)
+    assert math.isclose(summary["mean_mc_value"], sum(s["mc_value"] for s in states) / len(states))
+    assert summary["tokens_generated"] > 0 and summary["tokens_per_second"] > 0 and summary["config"]["M"] == M
+    assert summary["tokens_generated"] >= sum(len(sol["ids"]) - sol["prompt_len"] for sol in solutions)
+
+
+def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
+    out = tmp_path / "ddp"
+    run_script("torchrun", "--standalone", "--nproc_per_node=2", "rollout.py", "--model", str(toy_dir / "sft"),
+               "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out), "--max_questions", "6",
+               "--n1", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2")
+    ids = question_ids(toy_dir, 6)
+    assert [r["qid"] for r in read_lines(out / "shard-0.jsonl")] == ids[0::2]  # questions sharded over ranks
+    assert [r["qid"] for r in read_lines(out / "shard-1.jsonl")] == ids[1::2]
+    states = read_lines(out / "states.jsonl")
+    assert [s["qid"] for s in states if s["t"] == 0] == ids
+    assert {s["qid"] for s in read_lines(out / "solutions.jsonl")} == set(ids)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["questions"] == 6 and summary["states"] == len(states) and summary["tokens_this_run"] > 0
+
+
+def test_killed_run_resumes_without_losing_or_repeating_records(toy_dir, toy_rollout, tmp_path):
+    # The toy_rollout settings on its first 6 questions, saved one by one so that a kill lands mid-way.
+    out = tmp_path / "killed"
+    args = ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out),
+            "--max_questions", "6", "--n1", "4", "--n_keep", "2", "--M", "4", "--max_new_tokens", "40", "--questions_per_chunk", "1"]
+    shard = out / "shard-0.jsonl"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 300
+            while not (shard.exists() and shard.read_bytes().count(b"\n") >= 1):
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "log").read()[-3000:]
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    data = shard.read_bytes()
+    finished = [json.loads(line) for line in data[: data.rfind(b"\n")].splitlines()]  # what the killed run had saved
+    assert 1 <= len(finished) < 6 and not (out / "states.jsonl").exists()  # killed mid-way, nothing looks done
+    with open(shard, "a") as f:
+        f.write('{"qid": "toy-1-5", "states": [')  # a record cut short by the kill
+
+    run_script(*args)
+    shard_records = read_lines(shard)  # every line whole again
+    assert len(shard_records) == 6 and len({r["qid"] for r in shard_records}) == 6
+    assert shard_records[: len(finished)] == finished  # no finished record lost or redone
+    states = read_lines(out / "states.jsonl")
+    uninterrupted = [s["qid"] for s in read_lines(toy_rollout / "states.jsonl") if s["t"] == 0][:6]
+    assert [s["qid"] for s in states if s["t"] == 0] == uninterrupted == question_ids(toy_dir, 6)
+    for record in finished:
+        assert [s for s in states if s["qid"] == record["qid"]] == record["states"]
+        assert [s for s in read_lines(out / "solutions.jsonl") if s["qid"] == record["qid"]] == record["solutions"]
+    assert {s["qid"] for s in read_lines(out / "solutions.jsonl")} == set(uninterrupted)
+    assert json.load(open(out / "summary.json"))["questions"] == 6
+
+
+# ============================================================================= bad input
+@pytest.fixture
+def previous_output(toy_rollout, tmp_path):
+    """An out_dir that holds a previous run's output, and a snapshot of its bytes."""
+    out = tmp_path / "previous"
+    shutil.copytree(toy_rollout, out)
+    return out, {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))}
+
+
+BAD_DATA = {
+    "malformed": ('{"question": "Start with 1. Add 2.", "answer": "3"}\n{"question": "Start with 1.", "answer": \n', "line 2"),
+    "missing_field": ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"question": "c"}\n', "line 3"),
+    "empty": ("", "is empty"),
+    "not_a_string": ('{"question": 5, "answer": "1"}\n', "line 1"),
+    "duplicate_id": ('{"id": "a", "question": "x", "answer": "1"}\n{"id": "a", "question": "y", "answer": "2"}\n', "line 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, capsys):
+    content, where = BAD_DATA[case]
+    data = tmp_path / f"{case}.jsonl"
+    data.write_text(content)
+    out, before = previous_output
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(data), "--out_dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(rollout.main)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(data) in lines[0] and where in lines[0], lines
+    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+@pytest.mark.parametrize("what", ["model", "data"])
+def test_missing_path_exits_2_as_a_script(what, toy_dir, tmp_path, previous_output):
+    out, before = previous_output
+    paths = {"model": str(toy_dir / "sft"), "data": str(toy_dir / "train.jsonl"), what: str(tmp_path / "does-not-exist")}
+    proc = run_script("rollout.py", "--model", paths["model"], "--data", paths["data"], "--out_dir", str(out), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and str(tmp_path / "does-not-exist") in lines[0], proc.stderr
+    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+def test_model_dir_without_a_model(tmp_path, toy_dir, previous_output, monkeypatch, capsys):
+    out, before = previous_output
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(tmp_path / "empty"),
+                                      "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(rollout.main)
+    assert exit_info.value.code == 2 and str(tmp_path / "empty") in capsys.readouterr().err
+    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
