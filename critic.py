@@ -114,6 +114,7 @@ def save_critic(critic: Critic, tokenizer, out_dir: str) -> None:
 
 def load_critic(path: str, device) -> Critic:
     """The critic saved by save_critic, ready for training or inference."""
+    check_model_path(path, "critic")
     if not os.path.isfile(os.path.join(path, HEAD_FILE)):
         raise InputError(f"{path}: not a critic directory (no {HEAD_FILE}); train one with critic.py")
     critic = Critic.from_backbone(path, device)

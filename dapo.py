@@ -20,6 +20,9 @@ completions):
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
 
+The defaults are the paper's settings for 7-8B models. The toy task (0.5M parameters, a few hundred states)
+takes --beta 0.1 --lr 1e-4 --epochs 6 --global_batch_actions 64 --micro_batch_actions 64.
+
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
 train_summary.json with the data kept, the last step's metrics and the config) appears only when training
 has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
@@ -27,14 +30,14 @@ has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and
 the same command after a kill resumes from it.
 
 Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
-pi_ref and the generator; the critic warm-starts from the critic of iteration i.
-    policy=runs/toy/sft; critic_init=runs/toy/sft
+pi_ref and the generator, and warm-starts the critic from the critic of iteration i (demo.sh runs this loop):
+    policy=runs/toy/sft; warm=()
     for i in 1 2 3; do
-        python rollout.py --model $policy --out_dir runs/toy/iter$i/rollout ...
-        python critic.py --init $critic_init --rollout_dir runs/toy/iter$i/rollout --out_dir runs/toy/iter$i/critic ...
-        python dapo.py --policy $policy --critic runs/toy/iter$i/critic --rollout_dir runs/toy/iter$i/rollout \\
-            --out_dir runs/toy/iter$i/actor ...
-        policy=runs/toy/iter$i/actor; critic_init=runs/toy/iter$i/critic
+        d=runs/toy/iter$i
+        python rollout.py --model $policy --data runs/toy/train.jsonl --out_dir $d/rollout ...
+        python critic.py --rollout_dir $d/rollout --init $policy "${warm[@]}" --out_dir $d/critic ...
+        python dapo.py --policy $policy --critic $d/critic --rollout_dir $d/rollout --out_dir $d/actor ...
+        policy=$d/actor; warm=(--init_critic $d/critic)
     done
 """
 from __future__ import annotations
@@ -197,18 +200,21 @@ def action_logps(model, states: list[list[int]], actions: list[list[int]], pad_i
     lengths = [len(s) + len(a) for s, a in zip(states, actions)]
     width, k = max(lengths), max(map(len, actions))
     ids = torch.tensor([[pad_id] * (width - n) + s + a for s, a, n in zip(states, actions, lengths)], device=device)  # [B, L]
-    attn = (torch.arange(width, device=device)[None] >= torch.tensor([width - n for n in lengths], device=device)[:, None]).long()  # [B, L]
+    first_real = torch.tensor([width - n for n in lengths], device=device)  # [B]
+    attn = (torch.arange(width, device=device)[None] >= first_real[:, None]).long()  # [B, L] 0 on the padding
     position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] real tokens count from 0, as in rollout.generate
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False,
                    logits_to_keep=k + 1).logits[:, :-1]  # [B, K, V] the predictions of the last K tokens
     targets = ids[:, -k:]  # [B, K]
     token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, K]
-    in_action = torch.arange(k, device=device)[None] >= torch.tensor([k - len(a) for a in actions], device=device)[:, None]  # [B, K]
+    first_action = torch.tensor([k - len(a) for a in actions], device=device)  # [B]
+    in_action = torch.arange(k, device=device)[None] >= first_action[:, None]  # [B, K]
     return (token_logp * in_action).sum(-1)  # [B]
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, desc: str | None) -> list[float]:
+def reference_logps(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                    desc: str | None) -> list[float]:
     """Step 4: log pi_ref(a|s) of every (state, action) pair, batched by length (little padding)."""
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)

@@ -39,6 +39,7 @@ class Config:
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
     task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
+    grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic checker, optional)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
@@ -68,13 +69,14 @@ def majority_answer(texts: list[str]) -> str | None:
     return max(groups, key=len)[0] if groups else None
 
 
-def grade_question(q: dict, greedy: Generation, samples: list[Generation], decode, task: str = "math") -> dict:
+def grade_question(q: dict, greedy: Generation, samples: list[Generation], decode, task: str = "math",
+                   grader: str = "builtin") -> dict:
     """One question's record: its responses, their verdicts (the reward of rollout.py: the response ended and
     is right; code runs its tests) and, for math, the majority vote of the samples."""
     greedy_text, texts = decode(greedy.ids), [decode(s.ids) for s in samples]
     greedy_correct, *correct = grade_batch([t if g.finish == "eos" else None for g, t in
                                             zip([greedy, *samples], [greedy_text, *texts])],
-                                           [q["answer"]] * (1 + len(samples)), task)
+                                           [q["answer"]] * (1 + len(samples)), task, grader)
     vote = bool(samples) and task == "math"  # programs have no final answer to vote on
     maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"]) if vote else None  # cut: no vote
     return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
@@ -125,7 +127,7 @@ def main() -> None:
     greedy = generate(model, [q["prompt_ids"] for q in mine], temperature=0.0, desc=f"greedy rank {ddp.rank}", **gen)
     samples = generate(model, [q["prompt_ids"] for q in mine for _ in range(cfg.k)], temperature=cfg.temperature,
                        top_p=cfg.top_p, desc=f"sampled rank {ddp.rank}", **gen)
-    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode, cfg.task)
+    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode, cfg.task, cfg.grader)
                for i, q in enumerate(mine)]
     write_jsonl_atomic(os.path.join(cfg.out_dir, f"part-{ddp.rank}.jsonl"), records)
     barrier()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -56,6 +57,7 @@ class Config:
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
     task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
+    grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic checker, optional)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     n1: int = arg(32, "generator samples per question (paper: 32)")
@@ -172,6 +174,15 @@ def is_correct(response: str, reference: str) -> bool:
     """Reward r: 1 when the response's final answer equals the reference answer."""
     predicted = extract_answer(response)
     return predicted is not None and answers_match(predicted, reference_answer(reference))
+
+
+def is_correct_math_verify(response: str, reference: str) -> bool:
+    """Reward r by Hugging Face's math-verify (pip install math-verify): the reference answer and the
+    response's answer are parsed to SymPy and compared symbolically, so (x+1)^2 = x^2+2x+1."""
+    from math_verify import parse, verify
+
+    gold = parse("$" + reference_answer(reference) + "$")
+    return bool(gold) and verify(gold, parse(response))
 
 
 # ============================================================================= grading (code)
@@ -445,17 +456,19 @@ def is_correct_code(response: str, problem: dict, limits: SandboxLimits = Sandbo
     raise ValueError(f"not a code problem (HumanEval, MBPP or TACO layout): fields {sorted(problem)}")
 
 
-def grade(response: str, reference, task: str) -> bool:
-    """Reward r of a response: math compares its final answer with the reference answer; code runs its
-    program against the unit tests of the reference problem."""
-    return is_correct_code(response, reference) if task == "code" else is_correct(response, reference)
+def grade(response: str, reference, task: str, grader: str = "builtin") -> bool:
+    """Reward r of a response: math compares its final answer with the reference answer (built-in or
+    math-verify grader); code runs its program against the unit tests of the reference problem."""
+    if task == "code":
+        return is_correct_code(response, reference)
+    return is_correct_math_verify(response, reference) if grader == "math-verify" else is_correct(response, reference)
 
 
-def grade_batch(responses: list[str | None], references: list, task: str,
+def grade_batch(responses: list[str | None], references: list, task: str, grader: str = "builtin",
                 workers: int = os.cpu_count() or 1) -> list[bool]:
     """Rewards of many responses; None stands for a response cut by the token limit (wrong, never run). Code
     checks run in parallel, each waiting on its own process."""
-    reward = lambda response, reference: response is not None and grade(response, reference, task)  # noqa: E731
+    reward = lambda response, reference: response is not None and grade(response, reference, task, grader)  # noqa: E731
     if task != "code":  # pure Python and quick: threads would only take turns
         return list(map(reward, responses, references))
     with ThreadPoolExecutor(workers) as pool:
@@ -560,7 +573,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     prompts = [q["prompt_ids"] for q in questions for _ in range(cfg.n1)]
     samples = generate(model, prompts, desc="generator", **gen)
     rewards = grade_batch([decode(s.ids) if s.finish == "eos" else None for s in samples],
-                          [q["answer"] for q in questions for _ in range(cfg.n1)], cfg.task)
+                          [q["answer"] for q in questions for _ in range(cfg.n1)], cfg.task, cfg.grader)
     records = []
     for qi in range(len(questions)):
         mine = samples[qi * cfg.n1: (qi + 1) * cfg.n1]
@@ -586,7 +599,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     completions = generate(model, prompts, desc="completer", **{**gen, "max_new_tokens": budgets})
     rewards = grade_batch([decode(prefix + c.ids) if c.finish == "eos" else None
                            for (_, prefix, _), c in zip([s for s in states for _ in range(cfg.M)], completions)],
-                          [questions[qi]["answer"] for qi, _, _ in states for _ in range(cfg.M)], cfg.task)
+                          [questions[qi]["answer"] for qi, _, _ in states for _ in range(cfg.M)], cfg.task, cfg.grader)
 
     # 4. MC labels and candidate actions (the first step of each completion).
     state_records: list[list[dict]] = [[] for _ in questions]
@@ -623,9 +636,17 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     return out
 
 
+def check_grader(grader: str) -> None:
+    if grader not in ("builtin", "math-verify"):
+        raise InputError(f"--grader must be builtin or math-verify, got {grader!r}")
+    if grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise InputError("--grader math-verify needs the math-verify package: pip install -r requirements-optional.txt")
+
+
 def load_questions(cfg: Config, tok) -> list[dict]:
     if cfg.task not in ("math", "code"):
         raise InputError(f"--task must be math or code, got {cfg.task!r}")
+    check_grader(cfg.grader)
     code = cfg.task == "code"
     rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field))
     # The default instruction asks for \boxed{}: code gets its own unless one is given.

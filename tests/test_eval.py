@@ -43,8 +43,9 @@ def test_greedy_accuracy_equals_a_hand_count(toy_dir, one_process):
     gens = generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                     max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
     texts = [tok.decode(g.ids, skip_special_tokens=True) for g in gens]
-    boxed = [re.findall(r"\\boxed\{([^{}]*)\}", t) for t in texts]
-    hand = [g.finish == "eos" and bool(b) and b[-1] == q["answer"] for g, b, q in zip(gens, boxed, questions)]
+    # By hand: the last \boxed{N}, or (the grader's fallback for a response that boxes nothing) the last number.
+    answers = [(re.findall(r"\\boxed\{([^{}]*)\}", t) or re.findall(r"\d+", t) or [None])[-1] for t in texts]
+    hand = [g.finish == "eos" and a == q["answer"] for g, a, q in zip(gens, answers, questions)]
 
     records, summary = outputs(one_process)
     assert [r["id"] for r in records] == [q["id"] for q in questions]

@@ -114,18 +114,19 @@ def test_pipeline_on_smollm2(smollm2, tmp_path):
         assert s["ids"][:3] == [1, 9690, 198] and s["step_ends"][0] == s["prompt_len"]  # "<|im_start|>system\n"
         assert len(s["ids"]) - s["prompt_len"] <= 24
 
-    # Stage A critic, straight from the GGUF file (its backbone is dequantised on load): two optimizer steps.
+    # Stage A critic, straight from the GGUF file (its backbone is dequantised on load): one or two steps.
     run_script("critic.py", "--rollout_dir", str(rollout_dir), "--init", gguf, "--out_dir", str(critic_dir),
                "--batch_size", "2", "--micro_batch_size", "1", "--lr", "1e-5", "--heldout_fraction", "0", env=ENV)
     assert (critic_dir / "value_head.pt").is_file() and (critic_dir / "metrics.json").is_file()
-    assert json.loads((critic_dir / "metrics.json").read_text())["steps"] == 2
+    assert json.loads((critic_dir / "metrics.json").read_text())["steps"] == len(solutions) // 2
 
     # Stage B actor: every state kept (min_gap 0: the tiny rollout may have no gap), a few optimizer steps.
     run_script("dapo.py", "--policy", str(base), "--critic", str(critic_dir), "--rollout_dir", str(rollout_dir),
                "--out_dir", str(actor_dir), "--min_gap", "0", "--global_batch_actions", "4",
                "--micro_batch_actions", "4", "--lr", "1e-6", "--ref_batch_size", "8", "--critic_batch_size", "8", env=ENV)
     summary = json.loads((actor_dir / "train_summary.json").read_text())
-    assert summary["states_kept"] == len(states) and summary["steps"] >= 2
+    log = (actor_dir / "train_log.jsonl").read_text().splitlines()
+    assert summary["states_kept"] == len(states) and summary["steps"] == len(log) >= 1
     assert (actor_dir / "config.json").is_file()
 
     # Evaluation of the saved actor, greedy only.
