@@ -40,7 +40,7 @@ def parse_config(cls: type, argv: list[str] | None = None):
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # annotations are strings
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
         if kind is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, help=help_text, metavar="BOOL")
         elif default is None:
@@ -68,7 +68,7 @@ def run(main: Callable[[], Any]) -> None:
     try:
         main()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever it wraps
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)

@@ -24,30 +24,23 @@ import time
 
 import torch
 
-from common import (DEFAULT_INSTRUCTION, InputError, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
+from common import (InputError, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
                     parse_config, read_jsonl, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
-from rollout import (Generation, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
+from rollout import (Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
                      reference_answer)
 
 
 @dataclasses.dataclass
-class Config:
+class Config(QuestionConfig):
     model: str = arg("runs/toy/sft", "policy to evaluate: HF directory or hub name")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
     out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
-    question_field: str = arg("question", "field of the question text ('problem' for MATH)")
-    answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
-    task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
-    grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic checker, optional)")
-    id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
-    instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
     k: int = arg(4, "sampled responses per question for sampled accuracy, pass@k and maj@k (0: greedy only)")
     temperature: float = arg(1.0, "sampling temperature of the k samples")
     top_p: float = arg(1.0, "nucleus sampling threshold of the k samples")
     batch_size: int = arg(64, "sequences per generation batch")
-    max_questions: int = arg(0, "use only the first N questions (0: all)")
     seed: int = arg(0, "sampling seed (each rank offsets it): the same seed and ranks give the same numbers")
 
 

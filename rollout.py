@@ -50,16 +50,22 @@ from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, arg, barrier
 
 
 @dataclasses.dataclass
-class Config:
-    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory or hub name")
-    data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
-    out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
+class QuestionConfig:
+    """How questions are read, prompted and graded: the same for rollout.py and eval.py."""
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
     task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
     grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic checker, optional)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
+    max_questions: int = arg(0, "use only the first N questions (0: all)")
+
+
+@dataclasses.dataclass
+class Config(QuestionConfig):
+    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory or hub name")
+    data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
+    out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     n1: int = arg(32, "generator samples per question (paper: 32)")
     n_keep: int = arg(6, "n: solutions kept per question, correct and wrong balanced (paper: 6)")
     M: int = arg(16, "completions per state: MC label and candidate actions (paper: 16)")
@@ -69,7 +75,6 @@ class Config:
     delimiter: str = arg("\n", "step delimiter: a step ends at the first token whose text contains it")
     batch_size: int = arg(64, "sequences per generation batch")
     questions_per_chunk: int = arg(16, "questions generated together (and saved together) per rank")
-    max_questions: int = arg(0, "use only the first N questions (0: all)")
     seed: int = arg(0, "sampling seed (each rank offsets it)")
 
 
