@@ -1,6 +1,6 @@
 """The embedded toy task: synthetic multi-step arithmetic, a tiny Llama, and an imperfect warm start.
 
-Everything a DAPO run needs, built locally in about a minute on 2 CPU cores, and saved exactly as a real
+Everything a DAPO run needs, built locally in about two and a half minutes on 2 CPU cores, and saved exactly as a real
 Hugging Face model is (save_pretrained), so every script loads it with AutoTokenizer / AutoModelForCausalLM.
 
   python data/toy/prepare.py --out_dir runs/toy
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run, seed_everything, write_jsonl_atomic  # noqa: E402
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
-# Small operands keep the digit tables small (80 facts): a 0.5M-parameter model learns them in a minute.
+# Small operands keep the digit tables small (80 facts): a 0.5M-parameter model learns them in two minutes.
 # Words get their own tokens (with a leading space), \boxed{ is one token, anything else is one character.
 PRETOKENIZE = r"\\boxed\{| ?[A-Za-z]+|[\s\S]"
 
