@@ -59,6 +59,7 @@ class QuestionConfig:
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_questions: int = arg(0, "use only the first N questions (0: all)")
+    max_prompt_tokens: int = arg(0, "skip (never truncate) a question whose prompt is longer than this (0: no limit)")
 
 
 @dataclasses.dataclass
@@ -671,8 +672,15 @@ def load_questions(cfg: Config, tok) -> list[dict]:
                              "entry_point (HumanEval), test_list (MBPP) or input_output (TACO)")
         reference = {k: v for k, v in r.items() if k != "_line"} if code else str(r[cfg.answer_field])
         question = code_question(r[cfg.question_field], reference) if code else r[cfg.question_field]
-        questions.append({"qid": qid, "question": question, "answer": reference,
-                          "prompt_ids": build_prompt_ids(tok, question, instruction)})
+        prompt_ids = build_prompt_ids(tok, question, instruction)
+        if cfg.max_prompt_tokens and len(prompt_ids) > cfg.max_prompt_tokens:
+            continue  # a cut question is another question: leave it out rather than truncate it
+        questions.append({"qid": qid, "question": question, "answer": reference, "prompt_ids": prompt_ids})
+    if len(questions) < len(rows):
+        print(f"{cfg.data}: skipped {len(rows) - len(questions)} question(s) whose prompt is longer than "
+              f"--max_prompt_tokens {cfg.max_prompt_tokens}")
+    if not questions:
+        raise InputError(f"{cfg.data}: no question left (every prompt is longer than --max_prompt_tokens)")
     return questions
 
 

@@ -115,3 +115,23 @@ def test_math_verify_grader_is_optional_and_symbolic(tmp_path, monkeypatch):
     assert grade_batch(responses, answers, "math") == [False, True]  # built-in: no algebra
     assert grade_batch(responses, answers, "math", "math-verify") == [True, True]
     assert grade_batch(["\\boxed{x^2+1}", None], answers, "math", "math-verify") == [False, False]
+
+
+def test_max_prompt_tokens_skips_long_questions_and_never_truncates(tmp_path):
+    from common import InputError
+    from rollout import Config, load_questions
+
+    class Tok:  # one token per character: prompt length is easy to reason about
+        chat_template = None
+        def __call__(self, text):
+            return type("E", (), {"input_ids": [ord(c) for c in text]})()
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"id": "short", "question": "1+1?", "answer": "2"}\n'
+                    '{"id": "long", "question": "' + "x" * 200 + '", "answer": "2"}\n')
+    full = load_questions(Config(data=str(data), instruction=""), Tok())
+    limit = len(full[0]["prompt_ids"])
+    kept = load_questions(Config(data=str(data), instruction="", max_prompt_tokens=limit), Tok())
+    assert [q["qid"] for q in kept] == ["short"] and kept[0]["prompt_ids"] == full[0]["prompt_ids"]
+    with pytest.raises(InputError, match="no question left"):
+        load_questions(Config(data=str(data), instruction="", max_prompt_tokens=1), Tok())
