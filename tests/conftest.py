@@ -5,6 +5,9 @@ import sys
 
 import pytest
 
+# Tiny models: one thread per process is faster than two threads fighting over two cores (set before torch loads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
