@@ -346,6 +346,13 @@ def finalize_dir(tmp_dir: str, out_dir: str) -> None:
     os.replace(tmp_dir, out_dir)
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (less memory, more compute). Transformers 5 renamed
+    gradient checkpointing to activation checkpointing; either name works."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (the paper trains in bf16); full precision on the CPU."""
     if device.type == "cuda":

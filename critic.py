@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, load_pretrained,
-                    finalize_dir, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
-                    save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, enable_checkpointing,
+                    finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at, parse_config, read_jsonl,
+                    run, save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -273,9 +273,7 @@ def main() -> None:
     if max(t for s in train + heldout for t in s["ids"]) >= vocab:
         raise InputError(f"{path}: token ids beyond the critic's vocabulary ({vocab}); the critic must share the policy's tokenizer")
     if cfg.gradient_checkpointing:
-        backbone = critic.backbone  # transformers 5 renamed gradient to activation checkpointing
-        enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+        enable_checkpointing(critic.backbone)
     critic.train()
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 

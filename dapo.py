@@ -57,9 +57,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, finalize_dir, load_causal_lm,
-                    load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run, save_checkpoint,
-                    seed_everything, setup_distributed, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, enable_checkpointing, finalize_dir,
+                    load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
+                    save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
 from critic import critic_values, load_critic
 
 
@@ -344,9 +344,8 @@ def main() -> None:
     elif ckpt is not None and ddp.is_main:
         print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
     del ckpt
-    if cfg.gradient_checkpointing:  # transformers 5 renamed gradient to activation checkpointing
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     model.train()
     actor = DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if dist.is_initialized() else model
     if ddp.is_main:
