@@ -172,7 +172,7 @@ def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> li
     critic = load_critic(cfg.critic, device)
     values = lambda part: critic_values(critic, part, batch_size=cfg.critic_batch_size)  # noqa: E731
     q = q_values(states, lambda sequences: on_all_ranks(values, sequences))
-    del critic
+    critic = None  # empty the closure's cell too, so the memory is released before empty_cache
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
