@@ -3,6 +3,8 @@ sequence at a time, on the same model and prompts, in one run.
 
   1. Prompts: the first questions of --data, each repeated (as the generator samples n1 per question).
   2. Batched: rollout.generate with --batch_size sequences per batch, temperature 1, KV cache, left padding.
+     The engine prefills each distinct prompt of a batch once, so the repetition in 1 saves prefill time
+     (--samples_per_question 1 measures distinct prompts only).
   3. One at a time: the same engine with batch_size=1 (no padding at all) on the first --single_sequences
      prompts; tokens per second do not depend on how many sequences it runs, so fewer keep the run short.
   4. Speed-up = batched tokens/s / one-at-a-time tokens/s (target: at least 20x).
