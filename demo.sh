@@ -2,7 +2,7 @@
 # The whole DAPO pipeline on the embedded toy task, two iterations, on a CPU:
 #   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json
 #
-#   bash demo.sh                 # the full demo (about 9 minutes on 2 CPU cores)
+#   bash demo.sh                 # the full demo (about 6.5 minutes on 2 CPU cores)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk: a one-minute check that the pipeline runs
 #   OUT=runs/other bash demo.sh  # another output folder
 #
@@ -19,13 +19,13 @@ if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
   ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M 4"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
-  DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.1 --lr 1e-4 --min_gap 0.05"
+  DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4 --min_gap 0.05"
   EVAL="--k 2"
 else
   PREPARE=""
-  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 8 --batch_size 256"
+  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 16 --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
-  DAPO="--epochs 6 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.1 --lr 1e-4"
+  DAPO="--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4"
   EVAL="--k 4"
 fi
 TOKENS="--max_new_tokens 40"  # toy solutions are at most 4 steps of about 7 tokens

@@ -56,7 +56,8 @@ def toy_tokenizer():
     spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(ROOT, "data", "toy", "prepare.py"))
     prepare = sys.modules["toy_prepare"] = importlib.util.module_from_spec(spec)  # dataclasses need it registered
     spec.loader.exec_module(prepare)
-    return prepare.build_tokenizer([DEFAULT_INSTRUCTION, "\\boxed{}", "Start with 3. Add 4. Multiply by 2. Subtract 5."])
+    return prepare.build_tokenizer([DEFAULT_INSTRUCTION, "\\boxed{}", "Start with 3. Add 4. Multiply by 2. Subtract 5.",
+                                    *prepare.NAMES.values()])
 
 
 # ============================================================================= steps in token space
@@ -65,7 +66,7 @@ def test_split_steps_toy_tokenizer():
     eos = tok.eos_token_id
     is_delim = delimiter_token_mask(tok, "\n")
     assert [tok.decode([i]) for i in is_delim.nonzero().flatten().tolist()] == ["\n"]
-    steps_text = ["3+4=7\n", "7*2=4\n", "4-5=\\boxed{9}"]
+    steps_text = ["Add: 3+4=7\n", "Multiply: 7*2=4\n", "Subtract: 4-5=\\boxed{9}"]
     ids = tok("".join(steps_text)).input_ids + [eos]
     steps = split_steps(ids, is_delim, eos)
     assert [tok.decode(s, skip_special_tokens=True) for s in steps] == steps_text

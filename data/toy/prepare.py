@@ -9,15 +9,21 @@ writes out_dir/train.jsonl and out_dir/test.jsonl ({"id", "question", "answer"}:
 question appears in train) and out_dir/sft/ (tokenizer + warm-started policy).
 
 The task. "Start with 3. Add 2. Multiply by 3. Subtract 1. Keep only the last digit after each step."
-Solution, one step per line, the last step boxing the answer:
-    3+2=5
-    5*3=5
-    5-1=\\boxed{4}
+Solution, one step per line, each step naming the operation it carries out, the last step boxing the answer:
+    Add: 3+2=5
+    Multiply: 5*3=5
+    Subtract: 5-1=\\boxed{4}
 
 Why the warm start is imperfect. Its supervised data contains a SYSTEMATIC mistake: a subtraction is done
-as an addition (5+2=7 where the question says "Subtract 2."). It is made with probability `trap_error` > 1/2, so
-the warm start prefers the wrong step and greedy decoding cannot hide it; later steps continue from the
-wrong value, as a student's would. DAPO has to find, from rewards alone, that the other step is better.
+as an addition ("Subtract: 5+2=7" where the question says "Subtract 2."). It is made with probability
+`trap_error` > 1/2, so the warm start prefers the wrong step and greedy decoding cannot hide it; later steps
+continue from the wrong value, as a student's would. DAPO has to find, from rewards alone, that the other
+step is better.
+
+Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
+With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
+3-layer critic has to line step i up with the i-th operation of the question, which it learns poorly from a
+few thousand states (held-out Pearson r 0.69 instead of 0.81).
 """
 from __future__ import annotations
 
@@ -35,9 +41,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run, seed_everything, write_jsonl_atomic  # noqa: E402
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
+NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts by naming the question's operation
 # Small operands keep the digit tables small (80 facts): a 0.5M-parameter model learns them in two minutes.
-# Words get their own tokens (with a leading space), \boxed{ is one token, anything else is one character.
-PRETOKENIZE = r"\\boxed\{| ?[A-Za-z]+|[\s\S]"
+# Words get their own tokens (with a leading space), so do a step's operation name ("Subtract: ") and \boxed{;
+# anything else is one character.
+PRETOKENIZE = r"\\boxed\{|[A-Za-z]+: | ?[A-Za-z]+|[\s\S]"
 
 
 @dataclasses.dataclass
@@ -47,10 +55,10 @@ class Config:
     num_test: int = arg(300, "held-out test questions (another seed, none equal to a training question)")
     min_ops: int = arg(3, "fewest operations in a problem")
     max_ops: int = arg(4, "most operations in a problem")
-    trap_error: float = arg(0.85, "probability that the warm-start data adds where it should subtract")
+    trap_error: float = arg(0.75, "probability that the warm-start data adds where it should subtract")
     sft_examples: int = arg(32000, "supervised (warm start) examples, drawn fresh with the mistakes above")
     sft_batch_size: int = arg(64, "warm start batch size")
-    sft_lr: float = arg(1e-3, "warm start peak learning rate")
+    sft_lr: float = arg(2e-3, "warm start peak learning rate (2e-3 leaves few random slips at temperature 1)")
     hidden_size: int = arg(128, "tiny Llama width")
     num_layers: int = arg(3, "tiny Llama depth")
     num_heads: int = arg(4, "tiny Llama attention heads")
@@ -88,11 +96,12 @@ def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | 
     """The worked solution; with rng, each trap step is done wrong with probability trap_error."""
     steps, value = [], start
     for i, (op, k) in enumerate(ops):
+        name = NAMES[op]  # the step names the operation the question asks for, even when it then does another
         if rng is not None and is_trap(op) and rng.random() < trap_error:
             op = mistake(op)
         new = apply(op, value, k)
         last = i == len(ops) - 1
-        steps.append(f"{value}{op}{k}=" + (f"\\boxed{{{new}}}" if last else f"{new}\n"))
+        steps.append(f"{name}{value}{op}{k}=" + (f"\\boxed{{{new}}}" if last else f"{new}\n"))
         value = new
     return steps
 
@@ -191,7 +200,7 @@ def main() -> None:
     # The vocabulary covers every word the task and the instruction can use.
     rng = random.Random(0)
     corpus = [CFG.instruction, "\\boxed{}", *(question_text(*make_problem(rng)) for _ in range(200))]
-    corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS]
+    corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS] + list(NAMES.values())
     tok = build_tokenizer(corpus)
     model = build_model(tok)
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")

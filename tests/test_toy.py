@@ -1,0 +1,49 @@
+"""The embedded toy task: worked solutions, the planted mistake, and the tokenizer the scripts rely on."""
+import importlib.util
+import os
+import random
+import sys
+
+from conftest import ROOT
+
+from common import DEFAULT_INSTRUCTION, delimiter_token_mask, split_steps
+from rollout import is_correct
+
+spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(ROOT, "data", "toy", "prepare.py"))
+prepare = sys.modules["toy_prepare"] = importlib.util.module_from_spec(spec)  # dataclasses need it registered
+spec.loader.exec_module(prepare)
+
+
+def test_worked_solution_names_each_operation_and_grades_correct():
+    steps = prepare.solution_steps(3, [("+", 2), ("*", 3), ("-", 1)])
+    assert steps == ["Add: 3+2=5\n", "Multiply: 5*3=5\n", "Subtract: 5-1=\\boxed{4}"]
+    assert is_correct("".join(steps), "4") and not is_correct("".join(steps), "5")
+
+
+def test_planted_mistake_is_a_sign_error_inside_a_step_named_subtract():
+    ops = [("-", 2), ("+", 1), ("-", 3)]
+    wrong = prepare.solution_steps(7, ops, random.Random(0), trap_error=1.0)
+    # The name stays the question's operation; the sign is the mistake; later steps go on from the wrong value.
+    assert wrong == ["Subtract: 7+2=9\n", "Add: 9+1=0\n", "Subtract: 0+3=\\boxed{3}"]
+    assert prepare.solution_steps(7, ops, random.Random(0), trap_error=0.0) == prepare.solution_steps(7, ops)
+    rng = random.Random(1)
+    made = sum(prepare.solution_steps(7, [("-", 2)], rng, trap_error=0.75)[0].startswith("Subtract: 7+") for _ in range(4000))
+    assert abs(made / 4000 - 0.75) < 0.03  # about trap_error of the subtractions, not all or none
+    assert all(prepare.solution_steps(7, [("+", 2), ("*", 3)], rng, trap_error=1.0) == prepare.solution_steps(7, [("+", 2), ("*", 3)])
+               for _ in range(20))  # only subtractions are ever done wrong
+
+
+def test_tokenizer_round_trips_and_steps_split_in_token_space():
+    rng = random.Random(0)
+    prepare.CFG = prepare.Config()
+    problems = [prepare.make_problem(rng) for _ in range(50)]
+    tok = prepare.build_tokenizer([DEFAULT_INSTRUCTION, "\\boxed{}", *(prepare.question_text(*p) for p in problems),
+                                   *prepare.NAMES.values()])
+    is_delim = delimiter_token_mask(tok, "\n")
+    for start, ops in problems:
+        steps = prepare.solution_steps(start, ops, rng, trap_error=0.5)
+        ids = tok("".join(steps)).input_ids + [tok.eos_token_id]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == "".join(steps)
+        assert [tok.decode(s, skip_special_tokens=True) for s in split_steps(ids, is_delim, tok.eos_token_id)] == steps
+        assert tok.convert_ids_to_tokens(ids[0]) in prepare.NAMES.values()  # the name is one token
