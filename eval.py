@@ -14,18 +14,22 @@ tests in rollout.py's sandbox, greedy accuracy is pass@1 (greedy), and there is 
 
 Output (out_dir): responses.jsonl (one record per question: its greedy and sampled responses with their
 verdicts) and summary.json (greedy_acc, sampled_acc, pass@k, maj@k as fractions in [0, 1], ...). Each rank
-writes its own part; rank 0 merges them.
+appends every graded question to its own shard-RANK.jsonl; rerunning the same command after a kill skips the
+questions already there (a chunk has its own seed, so the resumed run samples what an uninterrupted one
+would); rank 0 merges the shards and removes them once summary.json is written.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import time
 
 import torch
+from tqdm import tqdm
 
-from common import (InputError, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
-                    parse_config, read_jsonl, run, seed_everything, setup_distributed, write_json_atomic,
+from common import (InputError, append_jsonl, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
+                    parse_config, read_shard, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
 from rollout import (Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
                      reference_answer)
@@ -41,7 +45,8 @@ class Config(QuestionConfig):
     temperature: float = arg(1.0, "sampling temperature of the k samples")
     top_p: float = arg(1.0, "nucleus sampling threshold of the k samples")
     batch_size: int = arg(64, "sequences per generation batch")
-    seed: int = arg(0, "sampling seed (each rank offsets it): the same seed and ranks give the same numbers")
+    questions_per_chunk: int = arg(64, "questions generated and saved together per rank; a kill loses at most one chunk")
+    seed: int = arg(0, "sampling seed (each rank and chunk offsets it): the same seed, ranks and chunks give the same numbers")
 
 
 def majority_answer(texts: list[str]) -> str | None:
@@ -110,29 +115,45 @@ def main() -> None:
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     os.makedirs(cfg.out_dir, exist_ok=True)
     seed_everything(cfg.seed)
-    g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
-    t0 = time.time()
+    # Resume: skip every question already in some shard (a line cut short by a kill is dropped first).
+    my_shard = os.path.join(cfg.out_dir, f"shard-{ddp.rank}.jsonl")
+    read_shard(my_shard)
+    barrier()
+    done = {r["id"] for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) for r in read_shard(path)}
     mine = questions[ddp.rank:: ddp.world_size]
-    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-               batch_size=cfg.batch_size, generator=g)
-    greedy = generate(model, [q["prompt_ids"] for q in mine], temperature=0.0, desc=f"greedy rank {ddp.rank}", **gen)
-    samples = generate(model, [q["prompt_ids"] for q in mine for _ in range(cfg.k)], temperature=cfg.temperature,
-                       top_p=cfg.top_p, desc=f"sampled rank {ddp.rank}", **gen)
-    records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode, cfg.task, cfg.grader)
-               for i, q in enumerate(mine)]
-    write_jsonl_atomic(os.path.join(cfg.out_dir, f"part-{ddp.rank}.jsonl"), records)
+    if ddp.is_main:
+        print(f"{len(questions)} questions, {len(done)} already done, {ddp.world_size} rank(s)")
+
+    t0 = time.time()
+    with open(my_shard, "a", encoding="utf-8") as shard:
+        bar = tqdm(total=len(mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
+        for c, start in enumerate(range(0, len(mine), cfg.questions_per_chunk)):
+            chunk = [q for q in mine[start: start + cfg.questions_per_chunk] if q["qid"] not in done]
+            if chunk:
+                # A seed per chunk: a resumed run draws for chunk c what an uninterrupted run drew.
+                g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + 1_000_000 * c)
+                gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.batch_size, generator=g)
+                greedy = generate(model, [q["prompt_ids"] for q in chunk], temperature=0.0, desc="greedy", **gen)
+                samples = generate(model, [q["prompt_ids"] for q in chunk for _ in range(cfg.k)],
+                                   temperature=cfg.temperature, top_p=cfg.top_p, desc="sampled", **gen)
+                for i, q in enumerate(chunk):
+                    append_jsonl(shard, grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode,
+                                                       cfg.task, cfg.grader))
+            bar.update(len(mine[start: start + cfg.questions_per_chunk]))
+        bar.close()
     barrier()
 
-    if ddp.is_main:  # merge the parts: every question exactly once, in input order
-        parts = [os.path.join(cfg.out_dir, f"part-{r}.jsonl") for r in range(ddp.world_size)]
-        by_id = {r["id"]: r for path in parts for r in read_jsonl(path, allow_empty=True)}
-        merged = [{k: v for k, v in by_id[q["qid"]].items() if k != "_line"} for q in questions]
+    if ddp.is_main:  # merge the shards: every question exactly once, in input order
+        shards = sorted(glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")))
+        by_id = {r["id"]: r for path in shards for r in read_shard(path)}
+        merged = [by_id[q["qid"]] for q in questions]
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
         summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)  # last: its presence means done
-        for path in parts:
+        for path in shards:
             os.remove(path)
         print_table(summary)
     cleanup_distributed()

@@ -1,11 +1,16 @@
 """eval.py on the toy model: greedy accuracy against a hand count, the summary, seeding, torchrun sharding,
 bad input; and the maj@k vote as a pure function."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from common import build_prompt_ids, load_causal_lm, load_tokenizer, read_jsonl
 from eval import majority_answer
@@ -89,6 +94,41 @@ def test_torchrun_two_processes_cover_every_question_once(toy_dir, one_process, 
     assert [r["greedy_response"] for r in records] == [r["greedy_response"] for r in single]
     assert (summary["num_questions"], summary["world_size"]) == (N, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["responses.jsonl", "summary.json"]
+
+
+def test_killed_run_resumes_with_the_numbers_of_an_uninterrupted_one(toy_dir, tmp_path):
+    # One question per chunk, so that a kill lands between saved questions; the same settings uninterrupted.
+    run_eval(toy_dir, tmp_path / "whole", "--questions_per_chunk", "1")
+    out = tmp_path / "killed"
+    args = ["eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
+            "--max_questions", str(N), "--k", str(K), "--max_new_tokens", str(MAX_NEW_TOKENS), "--questions_per_chunk", "1"]
+    shard = out / "shard-0.jsonl"
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.time() + 300
+            while not (shard.exists() and shard.read_bytes().count(b"\n") >= 2):
+                assert proc.poll() is None and time.time() < deadline, open(tmp_path / "log").read()[-3000:]
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+    data = shard.read_bytes()
+    finished = [json.loads(line) for line in data[: data.rfind(b"\n")].splitlines()]
+    assert 2 <= len(finished) < N and not (out / "summary.json").exists()  # killed mid-way, nothing looks done
+    # Mark a saved record (a rerun that redid it would overwrite the mark), then cut a record short as a kill would.
+    marked = [{**finished[0], "greedy_response": "kept, not redone"}] + finished[1:]
+    shard.write_text("".join(json.dumps(r) + "\n" for r in marked) + '{"id": "toy-2-6", "greedy_response": ')
+
+    run_script(*args, env={"OMP_NUM_THREADS": "1"})
+    records, summary = outputs(out)
+    whole_records, whole_summary = outputs(tmp_path / "whole")
+    assert records[: len(finished)] == marked  # saved questions are kept, not redone
+    assert records[1:] == whole_records[1:]  # and the rest is what an uninterrupted run would have drawn
+    drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "config")}  # noqa: E731
+    assert drop(summary) == drop(whole_summary)
+    assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl", "summary.json"]
 
 
 @pytest.mark.parametrize("case", ["malformed", "missing_field", "no_model"])
