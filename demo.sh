@@ -2,7 +2,7 @@
 # The whole DAPO pipeline on the embedded toy task, two iterations, on a CPU:
 #   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json
 #
-#   bash demo.sh                 # the full demo (about 6.5 minutes on 2 CPU cores)
+#   bash demo.sh                 # the full demo (about 6 minutes on 2 CPU cores)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk: a one-minute check that the pipeline runs
 #   OUT=runs/other bash demo.sh  # another output folder
 #
