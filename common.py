@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import inspect
 import json
 import os
@@ -189,6 +190,25 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def check_resume_settings(out_dir: str, cfg, is_main: bool, ignore: tuple[str, ...] = ()) -> None:
+    """Shards in out_dir are resumed only by a run with the settings that wrote them: a rerun with other flags
+    would otherwise mix two experiments in one output. The settings live in out_dir/settings.json; `ignore`
+    names the ones that change speed, not results. Call it before anything in out_dir is touched."""
+    path = os.path.join(out_dir, "settings.json")
+    ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    if os.path.exists(path) and glob.glob(os.path.join(out_dir, "shard-*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            theirs = json.load(f)
+        changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+        if changed:
+            raise InputError(f"{path}: {out_dir} holds unfinished work of a run with other settings ("
+                             + ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
+                             + "); rerun with those settings, or use another --out_dir")
+    barrier()  # every rank has compared before rank 0 rewrites the file
+    if is_main:
+        write_json_atomic(path, ours)
 
 
 # ----------------------------------------------------------------------------- models

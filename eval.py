@@ -28,10 +28,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (InputError, append_jsonl, arg, barrier, cleanup_distributed, load_causal_lm, load_tokenizer,
+from common import (InputError, append_jsonl, arg, barrier, check_resume_settings, cleanup_distributed, load_causal_lm, load_tokenizer,
                     parse_config, read_shard, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
-from rollout import (Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
+from rollout import (RESUME_IGNORES, Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
                      reference_answer)
 
 
@@ -112,8 +112,9 @@ def main() -> None:
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
-    model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     os.makedirs(cfg.out_dir, exist_ok=True)
+    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
+    model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     seed_everything(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
@@ -153,7 +154,7 @@ def main() -> None:
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
         summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)  # last: its presence means done
-        for path in shards:
+        for path in shards + [os.path.join(cfg.out_dir, "settings.json")]:  # nothing unfinished is left
             os.remove(path)
         print_table(summary)
     cleanup_distributed()

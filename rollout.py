@@ -45,8 +45,8 @@ import torch
 from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, arg, barrier, build_prompt_ids, cleanup_distributed,
-                    delimiter_token_mask, lm_forward, load_causal_lm, load_tokenizer, parse_config, read_jsonl, read_shard,
+from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, arg, barrier, build_prompt_ids, check_resume_settings,
+                    cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm, load_tokenizer, parse_config, read_jsonl, read_shard,
                     run, append_jsonl, setup_distributed, split_steps, write_json_atomic, write_jsonl_atomic)
 
 
@@ -78,6 +78,11 @@ class Config(QuestionConfig):
     batch_size: int = arg(256, "sequences per generation batch (256: the fastest in tests/benchmark_rollout.py)")
     questions_per_chunk: int = arg(16, "questions generated together (and saved together) per rank")
     seed: int = arg(0, "sampling seed (each rank offsets it)")
+
+
+# Settings a resumed run may change (where the output goes, how many questions, speed): none of them
+# changes a record already saved. Any other change is refused (common.check_resume_settings).
+RESUME_IGNORES = ("out_dir", "max_questions", "batch_size", "questions_per_chunk")
 
 
 # ============================================================================= grading (math)
@@ -765,9 +770,10 @@ def main() -> None:
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     is_delim = delimiter_token_mask(tok, cfg.delimiter)
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # Resume: skip every question already in some shard (a rerun may even use another number of ranks).
     my_shard = os.path.join(cfg.out_dir, f"shard-{ddp.rank}.jsonl")

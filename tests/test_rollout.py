@@ -1,6 +1,7 @@
 """rollout.py: steps in token space, the batched generation engine, MC labels against a policy whose true
 values are known, balanced selection, and the script end to end (plain, torchrun, killed and resumed,
 bad input)."""
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -489,3 +490,34 @@ def test_model_dir_without_a_model(tmp_path, toy_dir, previous_output, monkeypat
         common.run(rollout.main)
     assert exit_info.value.code == 2 and str(tmp_path / "empty") in capsys.readouterr().err
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+
+
+def test_rerun_with_other_settings_is_refused(toy_dir, previous_output):
+    # previous_output holds the shards of a run with --M 4 --n1 4; resuming them with --M 2 would mix two runs.
+    out, before = previous_output
+    args = ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out),
+            "--max_questions", "12", "--n1", "4", "--n_keep", "2", "--max_new_tokens", "40"]
+    proc = run_script(*args, "--M", "2", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(out / "settings.json") in lines[0] and "--M 4 -> 2" in lines[0] and "--n1" not in lines[0]
+    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+    # Speed settings and a larger question budget may change on resume: the saved records are kept.
+    proc = run_script(*args, "--M", "4", "--batch_size", "7", "--questions_per_chunk", "3")
+    assert open(out / "states.jsonl", "rb").read() == before[str(out / "states.jsonl")]
+
+
+def test_check_resume_settings_only_guards_unfinished_work(tmp_path):
+    @dataclasses.dataclass
+    class Cfg:
+        out_dir: str = str(tmp_path)
+        k: int = 4
+        batch_size: int = 8
+
+    common.check_resume_settings(str(tmp_path), Cfg(), True, ignore=("batch_size",))
+    assert json.load(open(tmp_path / "settings.json")) == {"out_dir": str(tmp_path), "k": 4}
+    common.check_resume_settings(str(tmp_path), Cfg(k=5), True)  # no shard yet: nothing to mix, the new settings win
+    (tmp_path / "shard-0.jsonl").write_text('{"id": "a"}\n')
+    with pytest.raises(common.InputError, match="--k 5 -> 6"):
+        common.check_resume_settings(str(tmp_path), Cfg(k=6), True, ignore=("batch_size",))
+    common.check_resume_settings(str(tmp_path), Cfg(k=5, batch_size=64), True, ignore=("batch_size",))
