@@ -169,6 +169,11 @@ def read_shard(path: str) -> list[dict]:
     return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
 
 
+def read_shards(out_dir: str) -> list[dict]:
+    """The records of every rank's shard-RANK.jsonl in out_dir (a rerun may use another number of ranks)."""
+    return [r for path in sorted(glob.glob(os.path.join(out_dir, "shard-*.jsonl"))) for r in read_shard(path)]
+
+
 def append_jsonl(f, record: dict) -> None:
     """One line per finished unit of work, flushed to disk before the next begins (resume after a kill)."""
     f.write(json.dumps(record) + "\n")
@@ -195,7 +200,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def check_resume_settings(out_dir: str, cfg, is_main: bool, ignore: tuple[str, ...] = ()) -> None:
     """Shards in out_dir are resumed only by a run with the settings that wrote them: a rerun with other flags
     would otherwise mix two experiments in one output. The settings live in out_dir/settings.json; `ignore`
-    names the ones that change speed, not results. Call it before anything in out_dir is touched."""
+    names those a resumed run may change (none alters a saved record). Call it before out_dir is touched."""
     path = os.path.join(out_dir, "settings.json")
     ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
     if os.path.exists(path) and glob.glob(os.path.join(out_dir, "shard-*.jsonl")):

@@ -21,7 +21,7 @@ completions):
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
 
 The defaults are the paper's settings for 7-8B models. The toy task (0.5M parameters, a few hundred states)
-takes --beta 0.1 --lr 1e-4 --epochs 6 --global_batch_actions 64 --micro_batch_actions 64.
+takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_actions 64 (demo.sh).
 
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
 train_summary.json with the data kept, the last step's metrics and the config) appears only when training

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from common import (InputError, append_jsonl, arg, barrier, check_resume_settings, cleanup_distributed, load_causal_lm, load_tokenizer,
-                    parse_config, read_shard, run, seed_everything, setup_distributed, write_json_atomic,
+                    parse_config, read_shard, read_shards, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
 from rollout import (RESUME_IGNORES, Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
                      reference_answer)
@@ -122,12 +122,13 @@ def main() -> None:
     my_shard = os.path.join(cfg.out_dir, f"shard-{ddp.rank}.jsonl")
     read_shard(my_shard)
     barrier()
-    done = {r["id"] for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) for r in read_shard(path)}
+    done = {r["id"] for r in read_shards(cfg.out_dir)}
     mine = questions[ddp.rank:: ddp.world_size]
     if ddp.is_main:
         print(f"{len(questions)} questions, {len(done)} already done, {ddp.world_size} rank(s)")
 
     t0 = time.time()
+    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with open(my_shard, "a", encoding="utf-8") as shard:
         bar = tqdm(total=len(mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
         for c, start in enumerate(range(0, len(mine), cfg.questions_per_chunk)):
@@ -135,11 +136,9 @@ def main() -> None:
             if chunk:
                 # A seed per chunk: a resumed run draws for chunk c what an uninterrupted run drew.
                 g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + 1_000_000 * c)
-                gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.batch_size, generator=g)
                 greedy = generate(model, [q["prompt_ids"] for q in chunk], temperature=0.0, desc="greedy", **gen)
-                samples = generate(model, [q["prompt_ids"] for q in chunk for _ in range(cfg.k)],
-                                   temperature=cfg.temperature, top_p=cfg.top_p, desc="sampled", **gen)
+                samples = generate(model, [q["prompt_ids"] for q in chunk for _ in range(cfg.k)], temperature=cfg.temperature,
+                                   top_p=cfg.top_p, generator=g, desc="sampled", **gen)
                 for i, q in enumerate(chunk):
                     append_jsonl(shard, grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode,
                                                        cfg.task, cfg.grader))
@@ -148,13 +147,12 @@ def main() -> None:
     barrier()
 
     if ddp.is_main:  # merge the shards: every question exactly once, in input order
-        shards = sorted(glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")))
-        by_id = {r["id"]: r for path in shards for r in read_shard(path)}
+        by_id = {r["id"]: r for r in read_shards(cfg.out_dir)}
         merged = [by_id[q["qid"]] for q in questions]
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
         summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)  # last: its presence means done
-        for path in shards + [os.path.join(cfg.out_dir, "settings.json")]:  # nothing unfinished is left
+        for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) + [os.path.join(cfg.out_dir, "settings.json")]:
             os.remove(path)
         print_table(summary)
     cleanup_distributed()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import importlib.util
 import json
 import math
@@ -47,7 +46,7 @@ from transformers.cache_utils import DynamicLayer
 
 from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, arg, barrier, build_prompt_ids, check_resume_settings,
                     cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm, load_tokenizer, parse_config, read_jsonl, read_shard,
-                    run, append_jsonl, setup_distributed, split_steps, write_json_atomic, write_jsonl_atomic)
+                    read_shards, run, append_jsonl, setup_distributed, split_steps, write_json_atomic, write_jsonl_atomic)
 
 
 @dataclasses.dataclass
@@ -779,7 +778,7 @@ def main() -> None:
     my_shard = os.path.join(cfg.out_dir, f"shard-{ddp.rank}.jsonl")
     read_shard(my_shard)  # drops a line cut short by a kill
     barrier()
-    done = {r["qid"] for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) for r in read_shard(path)}
+    done = {r["qid"] for r in read_shards(cfg.out_dir)}
     todo = [q for q in questions[ddp.rank:: ddp.world_size] if q["qid"] not in done]
     if ddp.is_main:
         print(f"{len(questions)} questions, {len(done)} already done, {ddp.world_size} rank(s)")
@@ -799,8 +798,7 @@ def main() -> None:
     tokens = all_ranks_sum(tokens)  # this run's tokens on every rank (rank 0 prints)
 
     if ddp.is_main:  # merge the shards: every question exactly once, in input order
-        by_qid = {r["qid"]: r for path in sorted(glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")))
-                  for r in read_shard(path)}
+        by_qid = {r["qid"]: r for r in read_shards(cfg.out_dir)}
         merged = [by_qid[q["qid"]] for q in questions if q["qid"] in by_qid]
         states = [s for r in merged for s in r["states"]]
         write_jsonl_atomic(os.path.join(cfg.out_dir, "states.jsonl"), states)
