@@ -7,7 +7,7 @@ For every test question x, with the same prompt as rollout.py (zero-shot chain o
      pass@k counts a question solved when any sample is right; maj@k grades the most frequent final answer
      of the samples (equal answers such as 1,000 and 1000 vote together).
 With --task code (HumanEval, MBPP or TACO records) a verdict runs the program against the problem's unit
-tests in rollout.py's sandbox, greedy accuracy is pass@1 (greedy), and there is no maj@k.
+tests in grading.py's sandbox, greedy accuracy is pass@1 (greedy), and there is no maj@k.
 
     python eval.py --model runs/toy/iter1/actor --data runs/toy/test.jsonl --out_dir runs/toy/iter1/eval
     torchrun --nproc_per_node=8 eval.py --model ... --data ...   # questions sharded over ranks
@@ -31,8 +31,8 @@ from tqdm import tqdm
 from common import (InputError, append_jsonl, arg, barrier, check_resume_settings, cleanup_distributed, load_causal_lm, load_tokenizer,
                     parse_config, read_shard, read_shards, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
-from rollout import (RESUME_IGNORES, Generation, QuestionConfig, answers_match, extract_answer, generate, grade_batch, load_questions, normalize_answer,
-                     reference_answer)
+from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
+from rollout import RESUME_IGNORES, Generation, QuestionConfig, generate, load_questions
 
 
 @dataclasses.dataclass
@@ -50,7 +50,7 @@ class Config(QuestionConfig):
 
 
 def majority_answer(texts: list[str]) -> str | None:
-    """maj@k vote: the most frequent normalised final answer, equal answers (rollout.answers_match) counted
+    """maj@k vote: the most frequent normalised final answer, equal answers (grading.answers_match) counted
     together; a tie goes to the answer seen first; None when no response has an answer."""
     groups: list[list[str]] = []  # each group holds answers equal to its first one
     for text in texts:

@@ -1,4 +1,4 @@
-"""Code rewards (rollout.is_correct_code) and their sandbox: known-good and known-bad solutions in the
+"""Code rewards (grading.is_correct_code) and their sandbox: known-good and known-bad solutions in the
 HumanEval, MBPP and TACO/APPS layouts are graded right; hostile programs are contained and graded wrong
 while this process survives; grading in parallel; and the code path of rollout.py and eval.py."""
 import importlib.util
@@ -12,10 +12,12 @@ import pytest
 import torch
 from conftest import run_script
 
+import grading
 import rollout
 from eval import Config as EvalConfig, grade_question, print_table, summarize
-from rollout import (CODE_INSTRUCTION, Generation, SandboxLimits, code_question, extract_code, grade_batch,
-                     is_correct_code, run_sandboxed)
+from grading import (CODE_INSTRUCTION, SandboxLimits, code_question, extract_code, grade_batch, is_correct_code,
+                     run_sandboxed)
+from rollout import Generation
 
 FAST = SandboxLimits(timeout=2.0)  # hostile programs are stopped within seconds
 
@@ -175,7 +177,7 @@ def sandbox_user_processes() -> int:
         except OSError:
             continue
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
-        count += uid == rollout.SANDBOX_USER and re.search(r"^State:\s+Z", status, re.MULTILINE) is None
+        count += uid == grading.SANDBOX_USER and re.search(r"^State:\s+Z", status, re.MULTILINE) is None
     return count
 
 
@@ -190,7 +192,7 @@ def test_identity_environment_limits_and_a_fresh_directory(monkeypatch):
     monkeypatch.setenv("DAPO_TEST_SECRET", "hunter2")
     first, second = probe(), probe()
     if os.geteuid() == 0:  # the kernel does not limit root's processes: the program must not be root
-        assert (first["uid"], first["gid"], first["groups"]) == (rollout.SANDBOX_USER, rollout.SANDBOX_USER, [])
+        assert (first["uid"], first["gid"], first["groups"]) == (grading.SANDBOX_USER, grading.SANDBOX_USER, [])
         assert first["limits"]["RLIMIT_NPROC"] == FAST.processes
     assert first["limits"]["RLIMIT_AS"] == FAST.memory_mb << 20
     assert first["limits"]["RLIMIT_FSIZE"] == FAST.file_mb << 20
@@ -334,9 +336,9 @@ def test_load_questions_for_code(tmp_path):
     prompt = "".join(map(chr, questions[0]["prompt_ids"]))
     assert SHARED["test_list"][0] in prompt and CODE_INSTRUCTION in prompt and "boxed" not in prompt
     path.write_text(json.dumps(SHARED) + "\n" + json.dumps({"task_id": 9, "text": "no tests", "test_list": []}) + "\n")
-    with pytest.raises(rollout.InputError, match="line 2: not a code problem"):
+    with pytest.raises(grading.InputError, match="line 2: not a code problem"):
         rollout.load_questions(cfg, CharTokenizer())
-    with pytest.raises(rollout.InputError, match="--task must be math or code"):
+    with pytest.raises(grading.InputError, match="--task must be math or code"):
         rollout.load_questions(rollout.Config(data=str(path), task="cobol"), CharTokenizer())
 
 

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from common import DEFAULT_INSTRUCTION, InputError
-from rollout import Config, grade_batch, load_questions, reference_answer
+from grading import grade_batch, reference_answer
+from rollout import Config, load_questions
 
 
 class CharTokenizer:

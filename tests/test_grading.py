@@ -1,7 +1,7 @@
-"""Grading of math answers (rollout.extract_answer / rollout.is_correct): the reward r of every solution."""
+"""Grading of math answers (grading.extract_answer / grading.is_correct): the reward r of every solution."""
 import pytest
 
-from rollout import extract_answer, is_correct, reference_answer
+from grading import extract_answer, is_correct, reference_answer
 
 # (response, reference, expected reward)
 CASES = [

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import common
+import grading
 import rollout
 from common import DEFAULT_INSTRUCTION, build_prompt_ids, delimiter_token_mask, split_steps
 from conftest import ROOT, run_script
@@ -354,7 +355,7 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
                 assert a["reward"] in (0.0, 1.0) and (a["ids"][-1] == eos or len(response) + len(a["ids"]) == 40)  # EOS or the solution's limit
                 ended = a["ids"][-1] == eos
                 text = tok.decode(response + a["ids"], skip_special_tokens=True)
-                graded = rollout.is_correct(text, questions[s["qid"]]["answer"])
+                graded = grading.is_correct(text, questions[s["qid"]]["answer"])
                 assert a["reward"] == float(ended and graded)
             else:
                 assert a["reward"] is None and is_delim[a["ids"][-1]]
@@ -367,7 +368,7 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
         response = sol["ids"][sol["prompt_len"]:]
         steps = split_steps(response, is_delim, eos)
         assert sol["text"] == tok.decode(response, skip_special_tokens=True)
-        assert sol["correct"] == (response[-1] == eos and rollout.is_correct(sol["text"], questions[sol["qid"]]["answer"]))
+        assert sol["correct"] == (response[-1] == eos and grading.is_correct(sol["text"], questions[sol["qid"]]["answer"]))
         assert sol["step_ends"][0] == sol["prompt_len"] and len(sol["step_ends"]) == len(steps) == len(sol["mc_values"])
         assert sol["step_ends"] == sorted(set(sol["step_ends"])) and sol["step_ends"][-1] < len(sol["ids"])
         for end, value in zip(sol["step_ends"], sol["mc_values"]):

@@ -7,7 +7,7 @@ import sys
 from conftest import ROOT
 
 from common import DEFAULT_INSTRUCTION, delimiter_token_mask, split_steps
-from rollout import is_correct
+from grading import is_correct
 
 spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(ROOT, "data", "toy", "prepare.py"))
 prepare = sys.modules["toy_prepare"] = importlib.util.module_from_spec(spec)  # dataclasses need it registered
