@@ -150,8 +150,8 @@ def is_correct_math_verify(response: str, reference: str) -> bool:
 # untrusted, so each check runs in a sandbox: a fresh `python -I` in a fresh temporary directory (removed
 # afterwards) with an empty environment and limits on wall-clock time, CPU time, memory, file size, processes
 # and output; in new network, PID and mount namespaces where the OS allows; and, when we are root, as an
-# unprivileged user, since the kernel does not apply RLIMIT_NPROC to root. It is not a container: the README
-# says what it does and does not isolate.
+# unprivileged user, since the kernel does not apply RLIMIT_NPROC to root. It is not a container:
+# docs/code-tasks.md says what it does and does not isolate.
 CODE_INSTRUCTION = "Write a Python solution in a ```python code block."
 SANDBOX_USER = 65534  # "nobody": the program's user and group when we are root
 

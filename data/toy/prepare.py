@@ -23,7 +23,7 @@ step is better.
 Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
 With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
 3-layer critic has to line step i up with the i-th operation of the question, which it learns less well from
-a few thousand states (held-out Pearson r 0.87 with bare steps like "5+2=7", 0.93 with names; see the README).
+a few thousand states (held-out Pearson r 0.87 with bare steps like "5+2=7", 0.93 with names; see docs/toy.md).
 """
 from __future__ import annotations
 
