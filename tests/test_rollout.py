@@ -250,6 +250,50 @@ def test_sample_next_temperature_and_top_p():
     assert within_bound((full == 2).float().mean().item(), 0.1, 2000)
 
 
+def tempered_nucleus(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """The formula, written out plainly: p = softmax(logits / T); keep the most likely tokens until their mass
+    reaches top_p (the token that crosses it included); renormalise."""
+    weights = [math.exp(x / temperature) for x in logits]
+    p = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += p[i]
+    return [p[i] / mass if i in kept else 0.0 for i in range(len(p))]
+
+
+def test_sample_next_draws_from_the_tempered_nucleus(monkeypatch):
+    # At T = 1 dividing the logits by T and multiplying by it agree; at T = 0.6 they do not: the first row's
+    # nucleus (top_p 0.85) is tokens {0, 1} with probabilities 0.76 / 0.24 under softmax(logits / T), and
+    # four tokens under softmax(logits * T). No token's mass is near the nucleus boundary.
+    temperature, top_p, n = 0.6, 0.85, 20000
+    rows = [[0.5, 0.25, 0.15, 0.07, 0.03], [0.1, 0.2, 0.3, 0.4, 1e-3]]
+    logits = torch.tensor(rows).log().repeat_interleave(n, 0)  # [2n, V]
+    expected = torch.tensor([tempered_nucleus([math.log(x) for x in r], temperature, top_p) for r in rows],
+                            dtype=torch.float64)  # [2, V]
+    assert expected[0].nonzero().flatten().tolist() == [0, 1] and expected[1].nonzero().flatten().tolist() == [1, 2, 3]
+    # Exact: the distribution sample_next hands to torch.multinomial (which normalises it) is the formula.
+    handed, multinomial = [], torch.multinomial
+
+    def recording_multinomial(probs, *args, **kwargs):
+        handed.append(probs)
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    tokens = rollout.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))  # [2n]
+    assert len(handed) == 1, "sample_next no longer calls torch.multinomial: update this exact check"
+    probs = handed[0].double()
+    torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), expected.repeat_interleave(n, 0), atol=1e-6, rtol=0)
+    # Whatever draws the tokens: their frequencies are those of the formula, within 5 standard errors.
+    for row in range(2):
+        drawn = tokens[row * n: (row + 1) * n]
+        for token, p in enumerate(expected[row].tolist()):
+            frequency = (drawn == token).double().mean().item()
+            assert abs(frequency - p) <= 5 * math.sqrt(p * (1 - p) / n), (row, token, frequency, p)
+
+
 @pytest.fixture(scope="module")
 def toy_policy(toy_dir):
     tok = common.load_tokenizer(str(toy_dir / "sft"))
