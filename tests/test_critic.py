@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,11 +100,15 @@ def test_ddp_two_processes_match_one(toy_dir, toy_rollout, reference_critic, tmp
     assert_same_params(ddp, ref, atol=1e-5)
 
 
-def test_metrics_written(reference_critic):
+def test_metrics_written(reference_critic, solutions):
     m = json.load(open(reference_critic / "metrics.json"))
     held = m["heldout"]
     assert held["questions"] == 3 and held["states"] == sum(row["states"] for row in held["calibration"])
-    assert 0 <= held["mse"] <= 1 and m["steps"] == 4
+    assert m["steps"] == 4
+    # metrics.json holds the saved critic's held-out metrics (formulas: test_heldout_metrics_match_their_formulas)
+    again = C.heldout_metrics(C.load_critic(str(reference_critic), "cpu"), C.split_by_question(solutions, 0.2)[1], 4)
+    assert held["states"] == again["states"] and held["mse"] == pytest.approx(again["mse"], rel=1e-5, abs=1e-9)
+    assert held["pearson_r"] == pytest.approx(again["pearson_r"], rel=1e-5, abs=1e-9)
     assert not os.path.exists(str(reference_critic) + ".ckpt")  # removed once the critic is complete
 
 
@@ -142,6 +147,43 @@ def test_heldout_split_is_by_question_and_deterministic():
     assert not {s["qid"] for s in train} & {s["qid"] for s in held}
     assert C.split_by_question(list(reversed(sols)), 0.2)[1] == list(reversed(held))  # order does not matter
     assert C.split_by_question(sols, 0.0) == (sols, [])
+
+
+class TableCritic(torch.nn.Module):
+    """A stub critic whose value at a position is a fixed number per token id: known predictions."""
+
+    def __init__(self, value_of: dict[int, float]):
+        super().__init__()
+        table = torch.zeros(16)
+        for token, v in value_of.items():
+            table[token] = v
+        self.table = torch.nn.Parameter(table, requires_grad=False)  # [V]
+
+    def forward(self, ids, mask):
+        return self.table[ids]  # [B, T]
+
+
+def test_heldout_metrics_match_their_formulas():
+    # Two questions; in "a" two solutions share the states [1] and [1, 2] (counted once); "b" also starts
+    # with token 1, but its state is another question's, so it counts apart.
+    heldout = [{"qid": "a", "ids": [1, 2, 3, 4], "value_positions": [0, 1, 2], "mc_values": [0.5, 0.75, 1.0]},
+               {"qid": "a", "ids": [1, 2, 5, 6], "value_positions": [0, 1, 2], "mc_values": [0.5, 0.75, 0.0]},
+               {"qid": "b", "ids": [1, 7, 8], "value_positions": [0, 1], "mc_values": [0.25, 0.0]}]
+    value_of = {1: 0.5, 2: 0.625, 3: 0.875, 5: 0.25, 7: 0.125}  # V of a state = value of its last token
+    # The states a:[1], a:[1 2], a:[1 2 3], a:[1 2 5], b:[1], b:[1 7]: predictions and labels.
+    pred = np.array([0.5, 0.625, 0.875, 0.25, 0.5, 0.125])
+    label = np.array([0.5, 0.75, 1.0, 0.0, 0.25, 0.0])
+    m = C.heldout_metrics(TableCritic(value_of), heldout, batch_size=2)
+    assert m["questions"] == 2 and m["states"] == 6
+    assert m["mse"] == pytest.approx(np.mean((pred - label) ** 2), abs=1e-12)
+    assert m["pearson_r"] == pytest.approx(np.corrcoef(pred, label)[0, 1], abs=1e-12)
+    bins = np.minimum(np.floor(pred * 10), 9).astype(int)
+    assert m["calibration"] == [
+        {"bin": [b / 10, (b + 1) / 10], "states": int((bins == b).sum()),
+         "mean_predicted": pytest.approx(pred[bins == b].mean(), abs=1e-12),
+         "mean_label": pytest.approx(label[bins == b].mean(), abs=1e-12)} for b in sorted(set(bins.tolist()))]
+    # Every prediction the same: Pearson r is undefined, reported as None.
+    assert C.heldout_metrics(TableCritic(dict.fromkeys(value_of, 0.5)), heldout, batch_size=4)["pearson_r"] is None
 
 
 GOOD = {"qid": "a", "prompt_len": 2, "ids": [5, 6, 7, 8], "text": "x", "correct": True, "step_ends": [2, 3], "mc_values": [0.5, 1.0]}

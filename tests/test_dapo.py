@@ -80,6 +80,17 @@ def test_training_set_keeps_unique_candidates_of_states_with_a_gap():
     assert dapo.training_set(states, q, min_gap=1.1) == []
 
 
+def test_training_set_keeps_a_gap_equal_to_min_gap():
+    # Q values that are sums of powers of two: advantages and gaps are exact in binary floating point, so the
+    # boundary is really at the boundary. Q 0.5, 0.25: advantages +-0.125, gap 0.25 (== min_gap: kept).
+    # Q 0.5, 0.25 + 2^-10: gap 0.25 - 2^-10 (just below: dropped).
+    states = [state([1], [([2], None), ([3], None)]), state([4], [([2], None), ([3], None)])]
+    q = [[0.5, 0.25], [0.5, 0.25 + 2 ** -10]]
+    train = dapo.training_set(states, q, min_gap=0.25)
+    assert [t["state_ids"] for t in train] == [[1]] and train[0]["advantages"] == [0.125, -0.125]
+    assert [t["state_ids"] for t in dapo.training_set(states, q, min_gap=0.25 - 2 ** -10)] == [[1], [4]]
+
+
 def test_batches_hold_whole_states_and_feed_every_rank():
     sizes = [3, 5, 2, 4, 1, 6, 2]
     assert dapo.pack([0, 1, 2, 3], sizes, 8) == [[0, 1], [2, 3]]

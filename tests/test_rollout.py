@@ -115,14 +115,15 @@ PAD, EOS, _, Q, GOOD, BAD, RIGHT, WRONG = range(8)
 
 
 class SeenLength:
-    """The scripted model's KV cache: all it needs is how many positions it has seen. Like a Hugging Face
-    cache it lets an engine drop finished rows."""
+    """The scripted model's KV cache: all it needs is how many positions it has seen, and for how many batch
+    rows. Like a Hugging Face cache it keeps or repeats rows (reorder_cache), so generate takes the path it
+    takes with a real model: one prefill per distinct prompt, copied to the duplicates, and compaction."""
 
-    def __init__(self, length: int):
-        self.length = length
+    def __init__(self, length: int, rows: int):
+        self.length, self.rows = length, rows
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        pass
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        self.rows = len(rows)
 
 
 class ScriptedLM(torch.nn.Module):
@@ -143,6 +144,7 @@ class ScriptedLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids=None, cache=None, use_cache=True, logits_to_keep=0):
         past = cache.length if cache is not None else 0
         batch, length = input_ids.shape
+        assert cache is None or cache.rows == batch, "the cache must hold the rows of the batch"
         assert attention_mask.shape == (batch, past + length)
         if past == 0:
             assert attention_mask[:, -1].all(), "prompts must be left padded"
@@ -151,7 +153,7 @@ class ScriptedLM(torch.nn.Module):
         logits = self.logits_table[input_ids]  # [B, L, V]
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        return SimpleNamespace(logits=logits, cache=SeenLength(past + length))
+        return SimpleNamespace(logits=logits, cache=SeenLength(past + length, batch))
 
 
 # First step "good" or "bad" (1/2 each); then the boxed answer, right with probability 0.8 after a good
@@ -250,6 +252,50 @@ def test_sample_next_temperature_and_top_p():
     assert within_bound((full == 2).float().mean().item(), 0.1, 2000)
 
 
+def tempered_nucleus(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """The formula, written out plainly: p = softmax(logits / T); keep the most likely tokens until their mass
+    reaches top_p (the token that crosses it included); renormalise."""
+    weights = [math.exp(x / temperature) for x in logits]
+    p = [w / sum(weights) for w in weights]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += p[i]
+    return [p[i] / mass if i in kept else 0.0 for i in range(len(p))]
+
+
+def test_sample_next_draws_from_the_tempered_nucleus(monkeypatch):
+    # At T = 1 dividing the logits by T and multiplying by it agree; at T = 0.6 they do not: the first row's
+    # nucleus (top_p 0.85) is tokens {0, 1} with probabilities 0.76 / 0.24 under softmax(logits / T), and
+    # four tokens under softmax(logits * T). No token's mass is near the nucleus boundary.
+    temperature, top_p, n = 0.6, 0.85, 20000
+    rows = [[0.5, 0.25, 0.15, 0.07, 0.03], [0.1, 0.2, 0.3, 0.4, 1e-3]]
+    logits = torch.tensor(rows).log().repeat_interleave(n, 0)  # [2n, V]
+    expected = torch.tensor([tempered_nucleus([math.log(x) for x in r], temperature, top_p) for r in rows],
+                            dtype=torch.float64)  # [2, V]
+    assert expected[0].nonzero().flatten().tolist() == [0, 1] and expected[1].nonzero().flatten().tolist() == [1, 2, 3]
+    # Exact: the distribution sample_next hands to torch.multinomial (which normalises it) is the formula.
+    handed, multinomial = [], torch.multinomial
+
+    def recording_multinomial(probs, *args, **kwargs):
+        handed.append(probs)
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    tokens = rollout.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))  # [2n]
+    assert len(handed) == 1, "sample_next no longer calls torch.multinomial: update this exact check"
+    probs = handed[0].double()
+    torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), expected.repeat_interleave(n, 0), atol=1e-6, rtol=0)
+    # Whatever draws the tokens: their frequencies are those of the formula, within 5 standard errors.
+    for row in range(2):
+        drawn = tokens[row * n: (row + 1) * n]
+        for token, p in enumerate(expected[row].tolist()):
+            frequency = (drawn == token).double().mean().item()
+            assert abs(frequency - p) <= 5 * math.sqrt(p * (1 - p) / n), (row, token, frequency, p)
+
+
 @pytest.fixture(scope="module")
 def toy_policy(toy_dir):
     tok = common.load_tokenizer(str(toy_dir / "sft"))
@@ -291,6 +337,41 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     cut = generate(model, prompts, batch_size=len(prompts), **{**kw, "max_new_tokens": 3})
     for r, full in zip(cut, reference):
         assert r.ids == full[:3] and r.finish == ("length" if len(full) > 3 or full[-1] != tok.eos_token_id else "eos")
+
+
+def tiny_random_llama(vocab: int = 48, seed: int = 0):
+    """A two-layer Llama with random weights, built in memory: a real transformers model and cache (so
+    generate's preallocated cache, row copies and compaction all run) in a fraction of a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.5)  # large weights: clear argmax margins, greedy is well defined
+    return LlamaForCausalLM(config).eval()
+
+
+def test_repeated_prompts_prefilled_once_match_each_prompt_alone():
+    # Rollouts repeat prompts (n1 per question, M per state): generate prefills each distinct prompt once and
+    # copies its logits and cache rows to the repeats. Three prompts of different lengths, repeated and
+    # interleaved, must each continue exactly as when generated alone.
+    model = tiny_random_llama()
+    a, b, c = [5, 9, 13, 2, 30, 7, 11], [8, 3], [21, 17, 40, 6]
+    prompts = [a, b, a, c, b, a]
+    alone = {tuple(p): greedy_without_cache(model, p, eos=-1, max_new_tokens=10) for p in (a, b, c)}
+    assert len({tuple(r) for r in alone.values()}) == 3  # the continuations differ, so a mixed-up row shows
+    eos = alone[tuple(a)][4]  # a ends with EOS at its 5th token; b and c may run to the limit
+    alone = {p: greedy_without_cache(model, list(p), eos=eos, max_new_tokens=10) for p in alone}
+    kw = dict(eos_id=eos, pad_id=0, temperature=0.0, batch_size=len(prompts))
+    batched = generate(model, prompts, max_new_tokens=10, **kw)
+    assert [r.ids for r in batched] == [alone[tuple(p)] for p in prompts]
+    assert [r.finish for r in batched] == [("eos" if alone[tuple(p)][-1] == eos else "length") for p in prompts]
+    assert {r.finish for r in batched} == {"eos", "length"}
+    # Limits per row: copies of one prompt end at different steps, so finished rows leave the batch (and
+    # the cache) while the others continue.
+    limits = [10, 10, 3, 10, 2, 10]
+    cut = generate(model, prompts, max_new_tokens=limits, **kw)
+    assert [r.ids for r in cut] == [alone[tuple(p)][:n] for p, n in zip(prompts, limits)]
 
 
 # ============================================================================= select_balanced
