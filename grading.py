@@ -76,42 +76,50 @@ def reference_answer(reference: str) -> str:
 
 
 def _unwrap(s: str, command: str) -> str:
-    """\\text{abc} -> abc (for each occurrence, nested braces respected)."""
+    """\\text{abc} -> " abc" (for each occurrence, nested braces respected). The space keeps a unit a word
+    of its own: 5\\text{cm} reads as "5 cm"."""
     while (i := s.find(command + "{")) >= 0:
         depth, j = 0, i + len(command)
         for j in range(i + len(command), len(s)):
             depth += {"{": 1, "}": -1}.get(s[j], 0)
             if depth == 0:
                 break
-        s = s[:i] + s[i + len(command) + 1: j] + s[j + 1:]
+        s = s[:i] + " " + s[i + len(command) + 1: j] + s[j + 1:]
     return s
 
 
 def normalize_answer(s: str) -> str:
     """Strip what does not change the value: $, \\text{} / \\mathrm{} wrappers, units such as \\% and
-    ^\\circ, 'x =', spacing commands, \\dfrac / \\tfrac, \\left / \\right, a trailing period."""
+    ^\\circ, unit words, 'x =', spacing commands, \\dfrac / \\tfrac, \\left / \\right, a trailing period, the
+    parentheses of a choice such as (B)."""
     s = s.strip()
-    for command in ("\\text", "\\textbf", "\\mathrm", "\\mathbf", "\\boxed"):
+    for command in ("\\text", "\\textbf", "\\mathrm", "\\mathbf", "\\mbox", "\\boxed"):
         s = _unwrap(s, command)
-    for junk in ("\\$", "$", "\\!", "\\,", "\\;", "\\:", "\\left", "\\right", "^{\\circ}", "^\\circ", "\\circ",
-                 "\\%", "%", "°", "\\displaystyle"):
+    for junk in ("\\$", "$", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\left", "\\right", "^{\\circ}", "^\\circ",
+                 "\\circ", "\\%", "%", "°", "\\displaystyle"):
         s = s.replace(junk, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    s = re.sub(r"\^\{(\w)\}", r"^\1", s)  # 2^{n} -> 2^n
     s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
     s = s.strip().rstrip(".").strip()
-    # A number followed by a unit word ("5 cm", "12 dollars") is the number.
-    m = re.fullmatch(rf"({_NUMBER})\s*[a-zA-Z ]+", s)
+    # A number followed by unit words ("5 cm", "12 square feet", "5 cm^2") is the number. A unit is a word of two
+    # letters or more, apart from the number: a letter or a product of letters written against the number
+    # (6i, 3x, 2xy) is a complex number or an expression, not 6, 3 or 2.
+    m = re.fullmatch(rf"({_NUMBER})(?:\s+[a-zA-Z]{{2,}}(?:\^\{{?\d\}}?)?)+", s)
     if m:
         s = m.group(1)
-    return s.replace(" ", "")
+    return re.sub(r"^\(([A-Z])\)$", r"\1", s.replace(" ", ""))  # the choice (B) is B
 
 
 def to_number(s: str) -> Fraction | None:
-    """Exact value of 1,000 / 72.0 / -0.75 / 3/4 / \\frac{1}{2} / -\\frac34, or None."""
+    """Exact value of 1,000 / 72.0 / -0.75 / 3/4 / \\frac{1}{2} / -\\frac34 / 3\\frac{1}{2}, or None."""
     s = s.replace("{,}", "")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
+    m = re.fullmatch(r"(-?)(\d+)(\\frac.+)", s)  # a mixed number: 3\frac{1}{2} is 3 + 1/2, as MATH writes it
+    if m and (fraction := to_number(m.group(3))) is not None:
+        return (-1 if m.group(1) else 1) * (int(m.group(2)) + fraction)
     m = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", s) or re.fullmatch(r"(-?)(\d+)/(\d+)", s)
     if m:
         sign = -1 if m.group(1) else 1
@@ -122,12 +130,44 @@ def to_number(s: str) -> Fraction | None:
         return None
 
 
+def _elements(s: str) -> tuple[str, list[str], str] | None:
+    """A normalised answer with commas at the top level, split: "(1,2]" -> ("(", ["1", "2"], "]") (a tuple or an
+    interval), "1,2" -> ("", ["1", "2"], "") (a list of solutions); None for a single answer."""
+    opened = s[:1] if s[:1] in "([" else ""
+    depth, parts, start = 0, [], len(opened)
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if opened and depth == 0 and i < len(s) - 1:  # "(1,2)\cup(3,4)": the brackets enclose a part only
+            return None
+        if c == "," and depth == bool(opened):
+            parts.append(s[start:i])
+            start = i + 1
+    closed = s[-1:] if opened else ""
+    parts.append(s[start: len(s) - len(closed)])
+    return (opened, parts, closed) if len(parts) > 1 else None
+
+
 def answers_match(predicted: str, reference: str) -> bool:
     a, b = normalize_answer(predicted), normalize_answer(reference)
     x, y = to_number(a), to_number(b)
-    if x is not None and y is not None:
+    if x is not None or y is not None:
         return x == y
-    return a == b
+    if a == b:
+        return True
+    # Element by element: a tuple or an interval in order, with the same brackets; a list of solutions ("enter
+    # all the solutions, separated by commas") in any order.
+    p, r = _elements(a), _elements(b)
+    if p is None or r is None or (p[0], p[2], len(p[1])) != (r[0], r[2], len(r[1])):
+        return False
+    if p[0]:
+        return all(map(answers_match, p[1], r[1]))
+    unmatched = r[1]
+    for element in p[1]:
+        match = next((i for i, other in enumerate(unmatched) if answers_match(element, other)), None)
+        if match is None:
+            return False
+        unmatched = unmatched[:match] + unmatched[match + 1:]
+    return True
 
 
 def is_correct(response: str, reference: str) -> bool:
