@@ -11,6 +11,8 @@ with the same functions, so the reward of training and the accuracy of evaluatio
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
 import functools
 import importlib.util
@@ -207,12 +209,56 @@ class SandboxLimits:
 
 
 # Runs first in the sandboxed interpreter. It sets the limits before any untrusted line runs (lowering a
-# limit needs no privilege), runs the program (and, for a call-based problem, calls it on every input), then
-# proves that the tests ran to the end by writing a nonce that it read from stdin before the program started:
-# a program that leaves early (sys.exit, os._exit, a crash, a kill) never writes it. The CPU limit also ends
-# whatever escaped the process group.
+# limit needs no privilege), runs the program (and, for a call-based problem, calls it on every input; for
+# HumanEval and MBPP, runs the tests on it), then proves that the tests ran to the end by writing a nonce that
+# it read from stdin before the program started: a program that leaves early (sys.exit, os._exit, a crash, a
+# kill) never writes it. The CPU limit also ends whatever escaped the process group.
+# HumanEval and MBPP tests are assert statements in the program's own process, so `assert f(x) == y` would take
+# an object that claims to equal everything (its own __eq__, or a subclass of int or str) for the answer. The
+# tests therefore see the program's functions through a check that what they return is plain data: exact
+# built-in types, compared by identity (a metaclass may redefine == between types too), all the way down. The
+# names it needs are bound before the program runs, which could otherwise replace them in builtins.
 _HARNESS = r"""
 import ctypes, json, os, resource, sys
+
+def plain_data_check(type=type, callable=callable, isinstance=isinstance, exec=exec):  # bound now: see above
+    atoms, containers = (type(None), bool, int, float, complex, str, bytes), (list, tuple, set, frozenset)
+
+    def one_of(kind, kinds):  # by identity: a metaclass may redefine == between types
+        for k in kinds:
+            if kind is k:
+                return True
+        return False
+
+    def plain(value):
+        kind = type(value)
+        if kind is dict:
+            return plain([*value.keys(), *value.values()])
+        if one_of(kind, containers):
+            for item in value:
+                if not plain(item):
+                    return False
+            return True
+        return one_of(kind, atoms)
+
+    def checked(function):
+        def call(*args, **kwargs):
+            value = function(*args, **kwargs)
+            if not plain(value):
+                raise TypeError("a tested function returned something other than plain data")
+            return value
+        return call
+
+    def run_tests(namespace, tested, code):
+        # every function the program defines, and the tested names even when they are classes; not the other
+        # classes, whose objects the tests may build (MBPP's Pair(5, 24))
+        tests = {**namespace}
+        for name, value in namespace.items():
+            if name in tested or (callable(value) and not isinstance(value, type)):
+                tests[name] = checked(value)
+        exec(code, tests)
+    return run_tests
+
 
 def harness(mode, fn_name, cpu, memory, fsize, nproc):
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize),
@@ -223,6 +269,8 @@ def harness(mode, fn_name, cpu, memory, fsize, nproc):
     while not nonce.endswith(b"\n"):  # byte by byte: the rest of stdin is the program's input
         nonce += os.read(0, 1) or b"\n"
     out = os.dup(1)  # the nonce gets out even when the program closes or replaces stdout
+    if mode == "tests":  # read before the program runs, which may rewrite tests.py or builtins
+        run_tests, tests = plain_data_check(), compile(open("tests.py", encoding="utf-8").read(), "tests.py", "exec")
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(open("program.py", encoding="utf-8").read(), "program.py", "exec"), namespace)
@@ -230,6 +278,8 @@ def harness(mode, fn_name, cpu, memory, fsize, nproc):
         if mode != "stdio" or e.code not in (None, 0):
             raise
     result = ""
+    if mode == "tests":  # HumanEval, MBPP: fn_name names the tested functions, comma-separated
+        run_tests(namespace, fn_name.split(","), tests)
     if mode == "call":  # LeetCode style (class Solution) or a plain function
         fn = getattr(namespace["Solution"](), fn_name) if "Solution" in namespace else namespace[fn_name]
         result = json.dumps([fn(*args) for args in json.load(open("inputs.json", encoding="utf-8"))])
@@ -401,9 +451,11 @@ def _sandbox() -> tuple[tuple[str, ...], str]:
 
 def run_sandboxed(files: dict[str, str], mode: str, fn_name: str = "", stdin: str = "",
                   limits: SandboxLimits = SandboxLimits()) -> tuple[str, str] | None:
-    """Run files["program.py"] in the sandbox ('script': to its end; 'stdio': on stdin; 'call': fn_name on
-    every argument list in files["inputs.json"]). (stdout, JSON list of the calls' values) when it ran to the
-    end; None when it did not (an error, an early exit, a timeout, a limit)."""
+    """Run files["program.py"] in the sandbox ('script': to its end; 'tests': then files["tests.py"], which sees
+    the functions named in fn_name, comma-separated, and every other function of the program through the
+    plain-data check; 'stdio': on stdin; 'call': fn_name on every argument list in files["inputs.json"]).
+    (stdout, JSON list of the calls' values) when it ran to the end; None when it did not (an error, an early
+    exit, a timeout, a limit)."""
     launcher, python = _sandbox()
     return _launch(launcher, python, files, [mode, fn_name], stdin, limits)
 
@@ -420,6 +472,22 @@ def _same_output(got: str, expected: str) -> bool:
     return len(a) == len(b) and all(map(same, a, b))
 
 
+def _tested_names(tests: str) -> list[str]:
+    """The functions that MBPP asserts test: in each, the first called name that is not a built-in (it tests
+    similar_elements in `set(similar_elements(a, b)) == {4, 5}`, max_chain_length in
+    `max_chain_length([Pair(5, 24)], 1) == 1`)."""
+    try:
+        asserts = [node for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Assert)]
+    except SyntaxError:  # the sandbox reports it: the check fails
+        return []
+    names = []
+    for node in asserts:
+        called = [call.func.id for call in ast.walk(node)  # breadth first: outer calls come first
+                  if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)]
+        names += [name for name in called if not hasattr(builtins, name)][:1]
+    return names
+
+
 def _as_text(value) -> str:
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)  # TACO gives some as lists of lines
 
@@ -434,11 +502,14 @@ def is_correct_code(response: str, problem: dict, limits: SandboxLimits = Sandbo
         else:  # the body of the prompt's function, as a completion model writes it
             indented = code.lstrip("\n")[:1] in (" ", "\t")
             program = problem["prompt"] + (code if indented else textwrap.indent(code, "    "))
-        program += f"\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+        tests = f"{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", problem["entry_point"],
+                             limits=limits) is not None
     if layout == "mbpp":
-        program = "\n".join([problem.get("test_setup_code") or "", code, *problem["test_list"]]) + "\n"
-        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+        program = "\n".join([problem.get("test_setup_code") or "", code]) + "\n"
+        tests = "\n".join(problem["test_list"]) + "\n"
+        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", ",".join(_tested_names(tests)),
+                             limits=limits) is not None
     if layout == "taco":
         tests = _taco_tests(problem)
         inputs, outputs = tests["inputs"], tests["outputs"]

