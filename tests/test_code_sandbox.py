@@ -58,6 +58,7 @@ SUM = {"question": "Read two integers and print their sum.",
        "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n", "5\n6\n"], "outputs": ["3\n", "7\n", "11\n"]})}
 RATIO = {"question": "Print a / b.",
          "input_output": {"inputs": ["1 3\n", "1000000 1\n"], "outputs": ["0.333333\n", "1000000\n"]}}
+HALF = {"question": "Print a / b.", "input_output": {"inputs": ["5 2\n"], "outputs": ["2.5\n"]}}
 LINES = {"question": "Echo the sum.", "input_output": {"inputs": [["1 2"]], "outputs": [["3"]]}}  # lists of lines
 TWO_SUM = {"question": "Return the indices of the two numbers that add up to target.",
            "starter_code": "class Solution:\n    def twoSum(self, nums, target):\n",
@@ -101,6 +102,8 @@ CASES = [  # (name, response, problem, expected reward)
      False),
     ("taco stdin: floats within 1e-6", PY("a, b = map(int, input().split())\nprint(a / b if a < b else a // b)"), RATIO,
      True),
+    ("taco stdin: a float off by 1e-4 is wrong", PY("print(2.5001)"), HALF, False),
+    ("taco stdin: a float off by 1e-9 is right", PY("print(2.500000001)"), HALF, True),
     ("taco stdin: lists of lines", PY("print(sum(map(int, input().split())))"), LINES, True),
     ("taco call: class Solution", PY(TWO_SUM["starter_code"] + TWO_SUM_BODY), TWO_SUM, True),
     ("taco call: plain function returning a tuple", PY("def twoSum(nums, target):\n    return next(\n"
@@ -123,6 +126,16 @@ CASES = [  # (name, response, problem, expected reward)
 @pytest.mark.parametrize("name,response,problem,expected", CASES, ids=[c[0] for c in CASES])
 def test_known_solutions_are_graded_right(name, response, problem, expected):
     assert is_correct_code(response, problem) is expected
+
+
+@pytest.mark.parametrize("got,expected,same", [
+    ("2.5001", "2.5", False), ("2.500000001", "2.5", True),  # within 1e-6, not 1e-4
+    ("1000.1", "1000.0", False), ("1000.0001", "1000.0", True),  # relative to the answer's size
+    ("0.0001", "0.0", False), ("0.000000001", "0.0", True),  # absolute near zero
+    ("1 2.5000001", "1 2.5", True), ("2 2.5", "1 2.5", False), ("2.0", "2", False),  # integers exact
+])
+def test_float_answers_are_compared_within_1e_6(got, expected, same):
+    assert grading._same_output(got, expected) is same
 
 
 def test_extract_code_and_questions():
