@@ -66,7 +66,10 @@ class Config(QuestionConfig):
 
 
 # Settings a resumed run may change (where the output goes, how many questions, speed): none of them
-# changes a record already saved. Any other change is refused (common.check_resume_settings).
+# changes a record already saved. Any other change is refused (common.check_resume_settings). A resumed
+# rollout promises every question exactly once, not the samples of an uninterrupted run (its generator is
+# reseeded from the number of questions done), so draw-changing speed settings may change too; eval.py,
+# which promises the numbers of an uninterrupted run, allows only --out_dir.
 RESUME_IGNORES = ("out_dir", "max_questions", "batch_size", "questions_per_chunk")
 
 
