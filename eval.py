@@ -142,7 +142,8 @@ def main() -> None:
         print(f"{len(questions)} questions, {sum(len(chunks[c]) for c in done)} already done, {ddp.world_size} rank(s)")
 
     t0 = time.time()
-    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+               batch_size=cfg.batch_size, vocab_size=len(tok))
     with open(my_shard, "a", encoding="utf-8") as shard:
         bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
         for c in mine:

@@ -140,10 +140,13 @@ def preallocate(cache, capacity: int):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int | list[int],
              temperature: float = 1.0, top_p: float = 1.0, stop_at: torch.Tensor | None = None,
-             batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None) -> list[Generation]:
+             batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None,
+             vocab_size: int | None = None) -> list[Generation]:
     """Continue every prompt (token ids) until EOS, the token limit or, when stop_at ([V] bool) is given,
     the first token it marks (one-step generation). Batched with the KV cache; prompts are left padded.
-    max_new_tokens is one limit for all, or one per prompt.
+    max_new_tokens is one limit for all, or one per prompt. vocab_size (the tokenizer's len) bounds the ids
+    generated: a model's embedding matrix may have more rows than the tokenizer has tokens (Qwen2.5: 151,936
+    rows, 151,665 tokens), and an id without a token cannot be decoded or split into steps.
 
     Speed: a decode step is many small ops, so whatever is not the model's own compute is worth removing.
     The prefill runs once per distinct prompt of a batch; the KV cache and the attention mask are
@@ -194,7 +197,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
         limit = torch.tensor([budget[i] for i in batch], device=device)  # [b]
         done = limit <= 0  # [b]
         for t in range(steps):
-            token = sample_next(logits, temperature, top_p, generator)  # [b]
+            token = sample_next(logits[:, :vocab_size], temperature, top_p, generator)  # [b] ids the tokenizer has
             token = torch.where(done, pad_id, token)  # finished rows still in the batch add nothing
             out[rows, t] = token
             ended_eos = ~done & (token == eos_id)  # [b]
@@ -238,8 +241,8 @@ def mc_value(correct: list[bool]) -> float:
 def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torch.Tensor, g: torch.Generator) -> list[dict]:
     """Steps 1-4 of the docstring for a chunk of questions; returns one record per question."""
     eos = tok.eos_token_id
-    gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g)
+    gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+               top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g, vocab_size=len(tok))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     # 1. Generator: n1 samples per question, graded (a sample cut by the token limit is wrong); keep n balanced.

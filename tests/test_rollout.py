@@ -293,6 +293,40 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
         assert r.ids == full[:3] and r.finish == ("length" if len(full) > 3 or full[-1] != tok.eos_token_id else "eos")
 
 
+def padded_vocabulary_lm(tok):
+    """A tiny Llama whose embedding matrix has 8 rows more than the tokenizer has tokens (as Qwen2.5's has 271),
+    with an LM-head bias that makes those ids the likeliest by far."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.lm_head = torch.nn.Linear(16, config.vocab_size, bias=True)
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[len(tok):] = 50.0  # [8] the rows without a token
+    return model
+
+
+def test_generate_never_samples_ids_outside_the_tokenizer():
+    tok = word_tokenizer(PIECES)
+    model = padded_vocabulary_lm(tok)
+    prompts = [[Q], [Q, GOOD]]
+    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    unbounded = generate(model, prompts, temperature=0.0, **kw)
+    assert all(t >= len(tok) for r in unbounded for t in r.ids)  # the model alone would emit only those
+    for temperature, top_p in [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)]:
+        for stop_at in (None, delimiter_token_mask(tok, "\n")):
+            out = generate(model, prompts, temperature=temperature, top_p=top_p, stop_at=stop_at,
+                           vocab_size=len(tok), **kw)
+            assert all(0 <= t < len(tok) for r in out for t in r.ids) and any(r.ids for r in out)
+    # rollout.py passes the tokenizer's size: its steps split without an IndexError.
+    cfg = Config(n1=2, n_keep=2, M=2, max_new_tokens=4, batch_size=8)
+    question = {"qid": "q0", "question": "Q", "answer": "1", "prompt_ids": [Q]}
+    [record] = rollout_chunk(model, tok, [question], cfg, delimiter_token_mask(tok, "\n"), torch.Generator())
+    assert all(t < len(tok) for s in record["states"] for a in s["actions"] for t in a["ids"])
+
+
 # ============================================================================= select_balanced
 def sol(i: int, ok: bool):
     return ([i], ok)
