@@ -286,8 +286,10 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
         actions = []
         for c, ok in zip(comps, correct):
             first = split_steps(c.ids, is_delim, eos)[0] if c.ids else []
-            # The first step ends the solution when the completion has no other step; a step cut by the
-            # token limit also ends it (wrong).
+            # The first step ends the solution when the completion has no other step: it ended with EOS (graded),
+            # or it used up the token limit (wrong), even when its last token is a delimiter: nothing can follow
+            # it, so Q = r = 0 is its exact value, as in the MC label. The M completions of a state share one
+            # limit, so equal first steps of a state always get the same flag and reward.
             terminal = len(first) == len(c.ids) and c.finish != "step"
             actions.append({"ids": first, "text": decode(first), "terminal": terminal,
                             "reward": float(ok) if terminal else None})

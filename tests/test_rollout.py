@@ -216,6 +216,23 @@ def test_completion_cut_by_token_limit_counts_as_wrong():
             assert within_bound(by_prefix[prefix]["mc_value"], TRUE_VALUE[prefix], 100)
 
 
+def test_a_first_step_that_uses_up_the_limit_ends_the_solution_wrong():
+    # One token: from s0 the step "good\n" or "bad\n" ends on its delimiter exactly at the limit. Two tokens:
+    # from s0 the same steps are followed by an answer (cut), from s1 the answer step is cut before EOS.
+    for max_new_tokens in (1, 2):
+        record = run_chunk(max_new_tokens=max_new_tokens, M=50)
+        for s in record["states"]:
+            left = max_new_tokens - (len(s["state_ids"]) - s["prompt_len"])
+            flags = {}
+            for a in s["actions"]:
+                flags.setdefault(tuple(a["ids"]), set()).add((a["terminal"], a["reward"]))
+                if len(a["ids"]) == left:  # the first step used up the limit: the solution ends, wrong
+                    assert a["terminal"] and a["reward"] == 0.0
+            assert all(len(f) == 1 for f in flags.values())  # equal first steps of a state: one flag, one reward
+        by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+        assert all(a["terminal"] == (max_new_tokens == 1) for a in by_prefix[()]["actions"])
+
+
 def test_mc_value():
     assert mc_value([True, False, False, True]) == 0.5 and mc_value([False] * 16) == 0.0 and mc_value([True]) == 1.0
 
