@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import functools
 import glob
 import inspect
@@ -88,6 +89,24 @@ class Dist:
         return self.rank == 0
 
 
+DIST_TIMEOUT_VARIABLE, DIST_TIMEOUT_DEFAULT_MIN = "DAPO_DIST_TIMEOUT_MIN", 180.0
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest rank before the job is torn down: $DAPO_DIST_TIMEOUT_MIN
+    minutes, 180 by default. torch's default (10 minutes with NCCL) is too short for rollout.py and eval.py,
+    whose ranks finish their shares of the questions at different times and then meet at one last collective.
+    A setting of the machine and job size, not of the experiment, and the same for every script: so an
+    environment variable, like NCCL's own, rather than a flag in four configs and their resume checks."""
+    text = os.environ.get(DIST_TIMEOUT_VARIABLE, str(DIST_TIMEOUT_DEFAULT_MIN))
+    try:
+        if float(text) > 0:
+            return datetime.timedelta(minutes=float(text))
+    except (ValueError, OverflowError):  # not a number, or too many minutes for a timedelta
+        pass
+    raise InputError(f"{DIST_TIMEOUT_VARIABLE}={text!r}: expected a positive number of minutes")
+
+
 def setup_distributed() -> Dist:
     """One process under `python`, one per GPU (or CPU worker) under `torchrun`.
 
@@ -96,15 +115,16 @@ def setup_distributed() -> Dist:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return Dist(0, 1, 0, device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    timeout = dist_timeout()
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         # Two CPU processes on two cores: one thread each, or they fight over the cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return Dist(rank, world, local, device)
 
 

@@ -13,8 +13,11 @@ Training, one pass per solution:
   3. Causal attention means the hidden state at position step_ends[t] - 1 of the whole solution is the
      hidden state of s_t on its own: ONE forward pass gives V(s_0), ..., V(s_{T-1}).
   4. Loss against the MC label: MSE (arXiv version, the default) or soft-label binary cross-entropy
-     (NeurIPS version: no vanishing gradient when V saturates). AdamW, warm-up then linear decay,
-     gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+     (NeurIPS version: no vanishing gradient when V saturates), averaged so that every distinct state counts
+     once: s_0 is in all n kept solutions of a question and a shared prefix in several, so each state's term
+     is weighted by 1 / (the number of its question's solutions that contain it), and a batch's loss is the
+     weighted mean of its terms (over an epoch: the mean over distinct states). AdamW, warm-up then linear
+     decay, gradient clipping, gradient accumulation, bf16 autocast on CUDA.
   5. Held-out MSE, Pearson r and a calibration table (predicted V in bins vs. mean MC label), printed and
      written to out_dir/metrics.json; the critic is saved as one directory that `load_critic` reads back.
 
@@ -27,6 +30,7 @@ from out_dir.ckpt when rerun with the same command; out_dir itself appears only 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -170,8 +174,9 @@ def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torc
 
 # ============================================================================= data
 def load_solutions(path: str) -> list[dict]:
-    """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values} per solution, where
-    value_positions[t] = step_ends[t] - 1 is the last token of state s_t."""
+    """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values, weights} per solution, where
+    value_positions[t] = step_ends[t] - 1 is the last token of state s_t and weights[t] its loss weight
+    (state_weights)."""
     solutions = []
     for r in read_jsonl(path, required=("qid", "ids", "step_ends", "mc_values")):
         where = f"{path} line {r['_line']}"
@@ -187,7 +192,22 @@ def load_solutions(path: str) -> list[dict]:
         # Tokens after the last state's end (the final action) carry no label: drop them.
         solutions.append({"qid": str(r["qid"]), "ids": ids[: max(ends)], "value_positions": [e - 1 for e in ends],
                           "mc_values": [float(v) for v in labels]})
+    state_weights(solutions)
     return solutions
+
+
+def state_weights(solutions: list[dict]) -> None:
+    """Set s["weights"][t] = 1 / (number of solutions of the question that contain state s_t), so that every
+    distinct state has total weight 1 however many kept solutions share it (its MC label is the same in each).
+    Without it s_0, in all n solutions of a question, would weigh n times a state of one solution."""
+    by_question = collections.defaultdict(list)
+    for s in solutions:
+        by_question[s["qid"]].append(s)
+    for group in by_question.values():  # one question at a time: only its prefixes are held in memory
+        prefixes = [[tuple(s["ids"][: p + 1]) for p in s["value_positions"]] for s in group]
+        count = collections.Counter(p for ps in prefixes for p in ps)
+        for s, ps in zip(group, prefixes):
+            s["weights"] = [1.0 / count[p] for p in ps]
 
 
 def split_by_question(solutions: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -199,13 +219,15 @@ def split_by_question(solutions: list[dict], heldout_fraction: float) -> tuple[l
     return [s for s in solutions if s["qid"] not in heldout], [s for s in solutions if s["qid"] in heldout]
 
 
-def collate(solutions: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A micro-batch: right-padded ids and mask [B, T], and for every state its row, position and label [N]."""
+def collate(solutions: list[dict], device) -> tuple[torch.Tensor, ...]:
+    """A micro-batch: right-padded ids and mask [B, T], and for every state its row, position, label and loss
+    weight [N]."""
     ids, mask = pad_right([s["ids"] for s in solutions], device)  # [B, T]
     rows = torch.tensor([b for b, s in enumerate(solutions) for _ in s["value_positions"]], device=device)  # [N]
     cols = torch.tensor([p for s in solutions for p in s["value_positions"]], device=device)  # [N]
     labels = torch.tensor([v for s in solutions for v in s["mc_values"]], device=device)  # [N]
-    return ids, mask, rows, cols, labels
+    weights = torch.tensor([w for s in solutions for w in s["weights"]], device=device)  # [N]
+    return ids, mask, rows, cols, labels, weights
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -291,41 +313,43 @@ def main() -> None:
         step, loss = ckpt["step"], ckpt["train_loss"]
     model = DDP(critic, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if ddp.world_size > 1 else critic
     if ddp.is_main:
-        print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states), "
+        print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
+              f"{round(sum(w for s in train for w in s['weights']))} distinct), "
               f"{len(heldout)} held out | {total_steps} steps of {cfg.batch_size} solutions = {accum} micro-batch(es) "
               f"of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}"
               + (f" | resuming from step {step}" if step else ""))
 
-    # 3-4. One forward pass per solution gives V at every step boundary; the loss is the mean over the
-    # global batch's states.
+    # 3-4. One forward pass per solution gives V at every step boundary; the loss is the weighted mean over the
+    # global batch's states (state_weights: every distinct state counts once).
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), cfg.seed, epoch)
         batch = [train[i] for i in order[k * cfg.batch_size: (k + 1) * cfg.batch_size]]
-        num_states = sum(len(s["mc_values"]) for s in batch)  # over all ranks: every rank sees the whole batch
+        total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
         mine = batch[ddp.rank:: ddp.world_size]
         lr = lr_at(step, total_steps, int(cfg.warmup_fraction * total_steps), cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for micro in range(accum):
-            ids, mask, rows, cols, labels = collate(mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
+            ids, mask, rows, cols, labels, weights = collate(
+                mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
             if ddp.world_size > 1:  # all-reduce the gradients once, on the last micro-step, not on every one
                 model.require_backward_grad_sync = micro == accum - 1
             with autocast(ddp.device):
                 logits = model(ids, mask, return_logits=True)  # [B, T]
-            per_state = critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
-            # DDP averages gradients over ranks: x world_size / (states in the global batch) makes the gradient
-            # the mean over the global batch, however it is split into ranks and micro-batches.
-            (per_state.sum() * ddp.world_size / num_states).backward()
-            loss_sum += per_state.sum().item()
+            weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
+            # DDP averages gradients over ranks: x world_size / (total weight of the global batch) makes the
+            # gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
+            (weighted.sum() * ddp.world_size / total_weight).backward()
+            loss_sum += weighted.sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss = all_ranks_sum(loss_sum) / num_states
+        loss = all_ranks_sum(loss_sum) / total_weight
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):

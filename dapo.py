@@ -42,6 +42,7 @@ pi_ref and the generator, and warm-starts the critic from the critic of iteratio
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -138,19 +139,21 @@ def q_values(states: list[dict], critic_values) -> list[list[float]]:
 
 def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
     """Steps 2-3: per state, the advantages of its M candidates; a state is kept when their gap is at least
-    min_gap, with its unique candidates (nu_A = uniform over them)."""
+    min_gap, with its unique candidates (nu_A = uniform over them). A candidate drawn several times gets the
+    mean advantage of its copies: they agree unless its reward is noisy (a code test that timed out once), and
+    then the mean is the better estimate of Q(s, a), whatever the order of the copies."""
     kept = []
     for s, q_s in zip(states, q):
         advantages = compute_advantages(torch.tensor(q_s, dtype=torch.float64)).tolist()  # [M]
         if max(advantages) - min(advantages) < min_gap:
             continue
-        unique = {}
+        copies = collections.defaultdict(list)  # unique candidate -> the advantages of its copies
         for a, adv in zip(s["actions"], advantages):
             if a["ids"]:  # an empty step has log pi = 0 under every policy: nothing to learn from it
-                unique.setdefault(tuple(a["ids"]), adv)
-        if unique:
-            kept.append({"state_ids": s["state_ids"], "actions": [list(a) for a in unique],
-                         "advantages": list(unique.values())})
+                copies[tuple(a["ids"])].append(adv)
+        if copies:
+            kept.append({"state_ids": s["state_ids"], "actions": [list(a) for a in copies],
+                         "advantages": [sum(advs) / len(advs) for advs in copies.values()]})
     return kept
 
 

@@ -13,10 +13,14 @@ tests in grading.py's sandbox, greedy accuracy is pass@1 (greedy), and there is 
     torchrun --nproc_per_node=8 eval.py --model ... --data ...   # questions sharded over ranks
 
 Output (out_dir): responses.jsonl (one record per question: its greedy and sampled responses with their
-verdicts) and summary.json (greedy_acc, sampled_acc, pass@k, maj@k as fractions in [0, 1], ...). Each rank
-appends every graded question to its own shard-RANK.jsonl; rerunning the same command after a kill skips the
-questions already there (a chunk has its own seed, so the resumed run samples what an uninterrupted one
-would); rank 0 merges the shards and removes them once summary.json is written.
+verdicts) and summary.json (greedy_acc, sampled_acc, pass@k, maj@k as fractions in [0, 1], ...).
+
+Resume: the questions are cut into chunks of --questions_per_chunk, dealt out to the ranks in turn, and every
+chunk has its own seed. A rank appends each graded chunk to its own shard-RANK.jsonl as ONE line, so a chunk
+is saved whole or not at all; rerunning the same command after a kill skips the chunks already saved and
+draws for the others exactly what an uninterrupted run draws, on any number of ranks (a rerun with other
+settings is refused: every setting but --out_dir changes the draws). Rank 0 merges the shards and removes
+them once summary.json is written.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from common import (InputError, append_jsonl, arg, barrier, check_resume_setting
                     parse_config, read_shard, read_shards, run, seed_everything, setup_distributed, write_json_atomic,
                     write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
-from rollout import RESUME_IGNORES, Generation, QuestionConfig, generate, load_questions
+from rollout import Generation, QuestionConfig, generate, load_questions
 
 
 @dataclasses.dataclass
@@ -45,8 +49,15 @@ class Config(QuestionConfig):
     temperature: float = arg(1.0, "sampling temperature of the k samples")
     top_p: float = arg(1.0, "nucleus sampling threshold of the k samples")
     batch_size: int = arg(64, "sequences per generation batch")
-    questions_per_chunk: int = arg(64, "questions generated and saved together per rank; a kill loses at most one chunk")
-    seed: int = arg(0, "sampling seed (each rank and chunk offsets it): the same seed, ranks and chunks give the same numbers")
+    questions_per_chunk: int = arg(64, "questions generated and saved together; a kill loses at most a chunk per rank")
+    seed: int = arg(0, "sampling seed (each chunk offsets it): the same settings give the same numbers on any ranks")
+
+
+# A resumed eval must end with the numbers of an uninterrupted one, so it may change only where the output goes.
+# Every other setting changes what is drawn: the questions (--max_questions, --max_prompt_tokens) and
+# --questions_per_chunk decide which questions share a chunk and its seed, --batch_size which rows share a
+# sampling call. (rollout.py promises less and allows more: its RESUME_IGNORES.)
+RESUME_IGNORES = ("out_dir",)
 
 
 def majority_answer(texts: list[str]) -> str | None:
@@ -118,36 +129,40 @@ def main() -> None:
     seed_everything(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
-    # Resume: skip every question already in some shard (a line cut short by a kill is dropped first).
+    # Chunks are cut from the whole question list, not from a rank's share, and chunk c has its own seed: what is
+    # drawn for a question depends on the settings alone, not on the number of ranks or on where a kill landed.
+    chunks = [questions[i: i + cfg.questions_per_chunk] for i in range(0, len(questions), cfg.questions_per_chunk)]
+    # Resume: skip every chunk already in some shard (a line cut short by a kill is dropped first).
     my_shard = os.path.join(cfg.out_dir, f"shard-{ddp.rank}.jsonl")
     read_shard(my_shard)
     barrier()
-    done = {r["id"] for r in read_shards(cfg.out_dir)}
-    mine = questions[ddp.rank:: ddp.world_size]
+    done = {r["chunk"] for r in read_shards(cfg.out_dir)}
+    mine = [c for c in range(ddp.rank, len(chunks), ddp.world_size) if c not in done]
     if ddp.is_main:
-        print(f"{len(questions)} questions, {len(done)} already done, {ddp.world_size} rank(s)")
+        print(f"{len(questions)} questions, {sum(len(chunks[c]) for c in done)} already done, {ddp.world_size} rank(s)")
 
     t0 = time.time()
-    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+               batch_size=cfg.batch_size, vocab_size=len(tok))
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = tqdm(total=len(mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
-        for c, start in enumerate(range(0, len(mine), cfg.questions_per_chunk)):
-            chunk = [q for q in mine[start: start + cfg.questions_per_chunk] if q["qid"] not in done]
-            if chunk:
-                # A seed per chunk: a resumed run draws for chunk c what an uninterrupted run drew.
-                g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + 1_000_000 * c)
-                greedy = generate(model, [q["prompt_ids"] for q in chunk], temperature=0.0, desc="greedy", **gen)
-                samples = generate(model, [q["prompt_ids"] for q in chunk for _ in range(cfg.k)], temperature=cfg.temperature,
-                                   top_p=cfg.top_p, generator=g, desc="sampled", **gen)
-                for i, q in enumerate(chunk):
-                    append_jsonl(shard, grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode,
-                                                       cfg.task, cfg.grader))
-            bar.update(len(mine[start: start + cfg.questions_per_chunk]))
+        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
+        for c in mine:
+            chunk = chunks[c]
+            g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1_000_000 * c)
+            greedy = generate(model, [q["prompt_ids"] for q in chunk], temperature=0.0, desc="greedy", **gen)
+            samples = generate(model, [q["prompt_ids"] for q in chunk for _ in range(cfg.k)],
+                               temperature=cfg.temperature, top_p=cfg.top_p, generator=g, desc="sampled", **gen)
+            records = [grade_question(q, greedy[i], samples[i * cfg.k: (i + 1) * cfg.k], decode, cfg.task, cfg.grader)
+                       for i, q in enumerate(chunk)]
+            # One line per chunk: a kill while grading (seconds per code question) leaves none of it, so the rerun
+            # redraws the whole chunk with its seed, never the rest of it as another batch.
+            append_jsonl(shard, {"chunk": c, "records": records})
+            bar.update(len(chunk))
         bar.close()
     barrier()
 
     if ddp.is_main:  # merge the shards: every question exactly once, in input order
-        by_id = {r["id"]: r for r in read_shards(cfg.out_dir)}
+        by_id = {r["id"]: r for line in read_shards(cfg.out_dir) for r in line["records"]}
         merged = [by_id[q["qid"]] for q in questions]
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
         summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)

@@ -66,7 +66,10 @@ class Config(QuestionConfig):
 
 
 # Settings a resumed run may change (where the output goes, how many questions, speed): none of them
-# changes a record already saved. Any other change is refused (common.check_resume_settings).
+# changes a record already saved. Any other change is refused (common.check_resume_settings). A resumed
+# rollout promises every question exactly once, not the samples of an uninterrupted run (its generator is
+# reseeded from the number of questions done), so draw-changing speed settings may change too; eval.py,
+# which promises the numbers of an uninterrupted run, allows only --out_dir.
 RESUME_IGNORES = ("out_dir", "max_questions", "batch_size", "questions_per_chunk")
 
 
@@ -137,10 +140,13 @@ def preallocate(cache, capacity: int):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int | list[int],
              temperature: float = 1.0, top_p: float = 1.0, stop_at: torch.Tensor | None = None,
-             batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None) -> list[Generation]:
+             batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None,
+             vocab_size: int | None = None) -> list[Generation]:
     """Continue every prompt (token ids) until EOS, the token limit or, when stop_at ([V] bool) is given,
     the first token it marks (one-step generation). Batched with the KV cache; prompts are left padded.
-    max_new_tokens is one limit for all, or one per prompt.
+    max_new_tokens is one limit for all, or one per prompt. vocab_size (the tokenizer's len) bounds the ids
+    generated: a model's embedding matrix may have more rows than the tokenizer has tokens (Qwen2.5: 151,936
+    rows, 151,665 tokens), and an id without a token cannot be decoded or split into steps.
 
     Speed: a decode step is many small ops, so whatever is not the model's own compute is worth removing.
     The prefill runs once per distinct prompt of a batch; the KV cache and the attention mask are
@@ -191,7 +197,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
         limit = torch.tensor([budget[i] for i in batch], device=device)  # [b]
         done = limit <= 0  # [b]
         for t in range(steps):
-            token = sample_next(logits, temperature, top_p, generator)  # [b]
+            token = sample_next(logits[:, :vocab_size], temperature, top_p, generator)  # [b] ids the tokenizer has
             token = torch.where(done, pad_id, token)  # finished rows still in the batch add nothing
             out[rows, t] = token
             ended_eos = ~done & (token == eos_id)  # [b]
@@ -235,8 +241,8 @@ def mc_value(correct: list[bool]) -> float:
 def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torch.Tensor, g: torch.Generator) -> list[dict]:
     """Steps 1-4 of the docstring for a chunk of questions; returns one record per question."""
     eos = tok.eos_token_id
-    gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g)
+    gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+               top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g, vocab_size=len(tok))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     # 1. Generator: n1 samples per question, graded (a sample cut by the token limit is wrong); keep n balanced.
@@ -280,8 +286,10 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
         actions = []
         for c, ok in zip(comps, correct):
             first = split_steps(c.ids, is_delim, eos)[0] if c.ids else []
-            # The first step ends the solution when the completion has no other step; a step cut by the
-            # token limit also ends it (wrong).
+            # The first step ends the solution when the completion has no other step: it ended with EOS (graded),
+            # or it used up the token limit (wrong), even when its last token is a delimiter: nothing can follow
+            # it, so Q = r = 0 is its exact value, as in the MC label. The M completions of a state share one
+            # limit, so equal first steps of a state always get the same flag and reward.
             terminal = len(first) == len(c.ids) and c.finish != "step"
             actions.append({"ids": first, "text": decode(first), "terminal": terminal,
                             "reward": float(ok) if terminal else None})

@@ -71,7 +71,7 @@ def test_one_pass_equals_prefix_passes(toy_dir, solutions):
 def test_training_lowers_the_loss(toy_dir, solutions, kind):
     torch.manual_seed(0)
     critic = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu").train()
-    ids, mask, rows, cols, labels = C.collate(solutions[:8], "cpu")
+    ids, mask, rows, cols, labels, _ = C.collate(solutions[:8], "cpu")
     optimizer = torch.optim.AdamW(critic.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
@@ -88,6 +88,36 @@ def test_critic_loss_is_the_paper_formula():
     v = torch.sigmoid(logits)
     torch.testing.assert_close(C.critic_loss(logits, label, "mse"), (v - label) ** 2)
     torch.testing.assert_close(C.critic_loss(logits, label, "bce"), -(label * v.log() + (1 - label) * (1 - v).log()))
+
+
+def test_state_weights_count_every_distinct_state_once(tmp_path):
+    # Question a: three solutions share s_0 = the prompt [1, 2]; two of them share s_1 = [1, 2, 3, 4].
+    # Question b: the same token ids as a's first solution, but another question: nothing shared with a.
+    rows = [("a", [1, 2, 3, 4, 5, 6, 7], [2, 4, 6], [0.5, 0.25, 1.0]), ("a", [1, 2, 3, 4, 8, 9], [2, 4], [0.5, 0.25]),
+            ("a", [1, 2, 10, 11], [2, 3], [0.5, 0.0]), ("b", [1, 2, 3, 4, 5, 6, 7], [2, 4], [0.75, 1.0])]
+    path = tmp_path / "solutions.jsonl"
+    path.write_text("".join(json.dumps({"qid": q, "ids": ids, "step_ends": ends, "mc_values": v}) + "\n"
+                            for q, ids, ends, v in rows))
+    solutions = C.load_solutions(str(path))
+    assert [s["weights"] for s in solutions] == [[1 / 3, 1 / 2, 1], [1 / 3, 1 / 2], [1 / 3, 1], [1, 1]]
+    assert sum(w for s in solutions for w in s["weights"]) == 6  # a: 4 distinct states, b: 2
+    *_, labels, weights = C.collate(solutions, "cpu")
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 2, 1, 1 / 3, 1 / 2, 1 / 3, 1, 1, 1])
+    assert labels.tolist() == [v for *_, vs in rows for v in vs]
+
+
+def test_training_loss_is_the_mean_over_distinct_states(toy_dir, toy_rollout, solutions, tmp_path):
+    # One step over every solution: the logged loss is that of the fresh critic, V = 0.5 everywhere (zero head).
+    n = len(solutions)
+    run_script("critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"),
+               "--out_dir", str(tmp_path / "critic"), "--batch_size", str(n), "--micro_batch_size", str(n),
+               "--heldout_fraction", "0")
+    distinct = {(s["qid"], tuple(s["ids"][: p + 1])): v
+                for s in solutions for p, v in zip(s["value_positions"], s["mc_values"])}
+    assert len(distinct) < sum(len(s["mc_values"]) for s in solutions)  # shared states exist
+    expected = sum((0.5 - v) ** 2 for v in distinct.values()) / len(distinct)
+    logged = json.load(open(tmp_path / "critic" / "metrics.json"))["final_train_loss"]
+    assert logged == pytest.approx(expected, rel=1e-5)
 
 
 def test_ddp_two_processes_match_one(toy_dir, toy_rollout, reference_critic, tmp_path):

@@ -91,6 +91,15 @@ def test_training_set_keeps_a_gap_equal_to_min_gap():
     assert [t["state_ids"] for t in dapo.training_set(states, q, min_gap=0.25 - 2 ** -10)] == [[1], [4]]
 
 
+def test_copies_of_a_candidate_share_one_advantage_whatever_their_order():
+    # [2] drawn twice, its reward 1 once and 0 once (a code test that timed out the second time): Q 1, 0, 0.5.
+    copies = [([2], 1.0), ([3], 0.0), ([2], 0.0), ([4], 0.5)]
+    for order in (copies, copies[::-1]):
+        [kept] = dapo.training_set([state([1], order)], [[r for _, r in order]], min_gap=0.1)
+        advantage = dict(zip(map(tuple, kept["actions"]), kept["advantages"]))
+        assert advantage == pytest.approx({(2,): 0.5 - 0.375, (3,): -0.375, (4,): 0.125})  # mean Q = 0.375
+
+
 def test_batches_hold_whole_states_and_feed_every_rank():
     sizes = [3, 5, 2, 4, 1, 6, 2]
     assert dapo.pack([0, 1, 2, 3], sizes, 8) == [[0, 1], [2, 3]]

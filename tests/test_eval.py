@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-from common import build_prompt_ids, load_causal_lm, load_tokenizer, read_jsonl
-from eval import majority_answer
+import common
+import eval as eval_script
+from common import build_prompt_ids, load_causal_lm, load_tokenizer, parse_config, read_jsonl
+from eval import RESUME_IGNORES, Config, majority_answer
 from rollout import generate
 
 N, K, MAX_NEW_TOKENS = 7, 3, 40  # an odd number of questions: two ranks get unequal shares
@@ -96,39 +98,74 @@ def test_torchrun_two_processes_cover_every_question_once(toy_dir, one_process, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["responses.jsonl", "summary.json"]
 
 
-def test_killed_run_resumes_with_the_numbers_of_an_uninterrupted_one(toy_dir, tmp_path):
-    # One question per chunk, so that a kill lands between saved questions; the same settings uninterrupted.
-    run_eval(toy_dir, tmp_path / "whole", "--questions_per_chunk", "1")
+# eval.py as a script, but its grader announces every question and hangs in the 5th: with chunks of 3 questions
+# the process is then killed inside chunk 1, after one of its questions was graded (code grading takes seconds
+# per question, so a real kill often lands there).
+HANG_IN_THE_5TH_GRADING = """
+import sys, time
+import common, eval
+grade, calls = eval.grade_question, []
+def announced_grade(*args, **kwargs):
+    calls.append(1)
+    print(f"grading question {len(calls)}", flush=True)
+    if len(calls) == 5:
+        time.sleep(600)
+    return grade(*args, **kwargs)
+eval.grade_question = announced_grade
+sys.argv[0] = "eval.py"
+common.run(eval.main)
+"""
+
+
+def test_kill_inside_a_chunk_resumes_with_the_numbers_of_an_uninterrupted_run(toy_dir, tmp_path):
+    chunked = ("--questions_per_chunk", "3")  # 7 questions: chunks of 3, 3 and 1
+    run_eval(toy_dir, tmp_path / "whole", *chunked)
     out = tmp_path / "killed"
-    args = ["eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
-            "--max_questions", str(N), "--k", str(K), "--max_new_tokens", str(MAX_NEW_TOKENS), "--questions_per_chunk", "1"]
-    shard = out / "shard-0.jsonl"
+    args = ["--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
+            "--max_questions", str(N), "--k", str(K), "--max_new_tokens", str(MAX_NEW_TOKENS), *chunked]
     with open(tmp_path / "log", "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=log,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-c", HANG_IN_THE_5TH_GRADING, *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=log)
         try:
             deadline = time.time() + 300
-            while not (shard.exists() and shard.read_bytes().count(b"\n") >= 2):
+            while "grading question 5" not in open(tmp_path / "log").read():
                 assert proc.poll() is None and time.time() < deadline, open(tmp_path / "log").read()[-3000:]
                 time.sleep(0.02)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.wait()
-    data = shard.read_bytes()
-    finished = [json.loads(line) for line in data[: data.rfind(b"\n")].splitlines()]
-    assert 2 <= len(finished) < N and not (out / "summary.json").exists()  # killed mid-way, nothing looks done
-    # Mark a saved record (a rerun that redid it would overwrite the mark), then cut a record short as a kill would.
-    marked = [{**finished[0], "greedy_response": "kept, not redone"}] + finished[1:]
-    shard.write_text("".join(json.dumps(r) + "\n" for r in marked) + '{"id": "toy-2-6", "greedy_response": ')
+    shard = out / "shard-0.jsonl"
+    saved = [json.loads(line) for line in shard.read_text().splitlines()]
+    assert [line["chunk"] for line in saved] == [0] and not (out / "summary.json").exists()  # chunk 1: nothing of it
+    # Mark the saved chunk (a rerun that redid it would overwrite the mark), then cut a line short as a kill would.
+    saved[0]["records"][0]["greedy_response"] = "kept, not redone"
+    shard.write_text(json.dumps(saved[0]) + "\n" + '{"chunk": 1, "records": [{"id": ')
 
-    run_script(*args, env={"OMP_NUM_THREADS": "1"})
+    run_script("eval.py", *args, env={"OMP_NUM_THREADS": "1"})
     records, summary = outputs(out)
     whole_records, whole_summary = outputs(tmp_path / "whole")
-    assert records[: len(finished)] == marked  # saved questions are kept, not redone
-    assert records[1:] == whole_records[1:]  # and the rest is what an uninterrupted run would have drawn
+    assert records[:3] == saved[0]["records"]  # the saved chunk is kept, not redone
+    assert records[3:] == whole_records[3:]  # the rest is what the uninterrupted run drew
     drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "config")}  # noqa: E731
     assert drop(summary) == drop(whole_summary)
     assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl", "summary.json"]
+
+
+@pytest.mark.parametrize("change", [("--batch_size", "7"), ("--questions_per_chunk", "2"), ("--max_questions", "5")])
+def test_resume_with_settings_that_change_the_draws_is_refused(toy_dir, tmp_path, monkeypatch, capsys, change):
+    out = tmp_path / "out"
+    args = ["eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
+            "--max_questions", str(N), "--k", str(K)]
+    out.mkdir()
+    common.check_resume_settings(str(out), parse_config(Config, args[1:]), True, ignore=RESUME_IGNORES)
+    (out / "shard-0.jsonl").write_text('{"chunk": 0, "records": []}\n')  # unfinished work of that run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(sys, "argv", args + list(change))
+    with pytest.raises(SystemExit) as exit_info:
+        common.run(eval_script.main)
+    assert exit_info.value.code == 2 and f"{change[0]} " in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("case", ["malformed", "missing_field", "no_model"])

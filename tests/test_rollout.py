@@ -218,6 +218,23 @@ def test_completion_cut_by_token_limit_counts_as_wrong():
             assert within_bound(by_prefix[prefix]["mc_value"], TRUE_VALUE[prefix], 100)
 
 
+def test_a_first_step_that_uses_up_the_limit_ends_the_solution_wrong():
+    # One token: from s0 the step "good\n" or "bad\n" ends on its delimiter exactly at the limit. Two tokens:
+    # from s0 the same steps are followed by an answer (cut), from s1 the answer step is cut before EOS.
+    for max_new_tokens in (1, 2):
+        record = run_chunk(max_new_tokens=max_new_tokens, M=50)
+        for s in record["states"]:
+            left = max_new_tokens - (len(s["state_ids"]) - s["prompt_len"])
+            flags = {}
+            for a in s["actions"]:
+                flags.setdefault(tuple(a["ids"]), set()).add((a["terminal"], a["reward"]))
+                if len(a["ids"]) == left:  # the first step used up the limit: the solution ends, wrong
+                    assert a["terminal"] and a["reward"] == 0.0
+            assert all(len(f) == 1 for f in flags.values())  # equal first steps of a state: one flag, one reward
+        by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+        assert all(a["terminal"] == (max_new_tokens == 1) for a in by_prefix[()]["actions"])
+
+
 def test_mc_value():
     assert mc_value([True, False, False, True]) == 0.5 and mc_value([False] * 16) == 0.0 and mc_value([True]) == 1.0
 
@@ -372,6 +389,40 @@ def test_repeated_prompts_prefilled_once_match_each_prompt_alone():
     limits = [10, 10, 3, 10, 2, 10]
     cut = generate(model, prompts, max_new_tokens=limits, **kw)
     assert [r.ids for r in cut] == [alone[tuple(p)][:n] for p, n in zip(prompts, limits)]
+
+
+def padded_vocabulary_lm(tok):
+    """A tiny Llama whose embedding matrix has 8 rows more than the tokenizer has tokens (as Qwen2.5's has 271),
+    with an LM-head bias that makes those ids the likeliest by far."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.lm_head = torch.nn.Linear(16, config.vocab_size, bias=True)
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[len(tok):] = 50.0  # [8] the rows without a token
+    return model
+
+
+def test_generate_never_samples_ids_outside_the_tokenizer():
+    tok = word_tokenizer(PIECES)
+    model = padded_vocabulary_lm(tok)
+    prompts = [[Q], [Q, GOOD]]
+    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    unbounded = generate(model, prompts, temperature=0.0, **kw)
+    assert all(t >= len(tok) for r in unbounded for t in r.ids)  # the model alone would emit only those
+    for temperature, top_p in [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)]:
+        for stop_at in (None, delimiter_token_mask(tok, "\n")):
+            out = generate(model, prompts, temperature=temperature, top_p=top_p, stop_at=stop_at,
+                           vocab_size=len(tok), **kw)
+            assert all(0 <= t < len(tok) for r in out for t in r.ids) and any(r.ids for r in out)
+    # rollout.py passes the tokenizer's size: its steps split without an IndexError.
+    cfg = Config(n1=2, n_keep=2, M=2, max_new_tokens=4, batch_size=8)
+    question = {"qid": "q0", "question": "Q", "answer": "1", "prompt_ids": [Q]}
+    [record] = rollout_chunk(model, tok, [question], cfg, delimiter_token_mask(tok, "\n"), torch.Generator())
+    assert all(t < len(tok) for s in record["states"] for a in s["actions"] for t in a["ids"])
 
 
 # ============================================================================= select_balanced
