@@ -421,8 +421,8 @@ def shared_prefix_rows(states: list[list[int]], actions: list[list[list[int]]], 
 
 
 def pack(indices: list[int], sizes: list[int], limit: int, min_states: int = 1) -> list[list[int]]:
-    """Consecutive states (of sizes[i] actions each) packed into groups of at most `limit` actions, unless a group needs more to hold
-    min_states states (so a state larger than the limit forms its own group)."""
+    """Consecutive states (sizes[i] actions each) packed into groups of at most `limit` actions, unless a group
+    needs more to hold min_states states (so a state larger than the limit forms its own group)."""
     groups, current, count = [], [], 0
     for i in indices:
         if len(current) >= min_states and count + sizes[i] > limit:

@@ -155,7 +155,8 @@ def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[i
 
 
 @torch.no_grad()
-def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]], batch_actions: int = 64) -> list[list[float]]:
+def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
+                  batch_actions: int = 64) -> list[list[float]]:
     """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
     (V(s) for an empty action). Each state is read once, its actions packed after it in one row
     (common.shared_prefix_rows); whole states of similar length share a forward pass of about batch_actions

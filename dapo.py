@@ -229,7 +229,8 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
     device = next(model.parameters()).device
     for batch in tqdm(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
         with autocast(device):
-            logp = action_logps(model, [states[i]["state_ids"] for i in batch], [states[i]["actions"] for i in batch])  # [n]
+            logp = action_logps(model, [states[i]["state_ids"] for i in batch],
+                                [states[i]["actions"] for i in batch])  # [n]
         flat = iter(logp.tolist())
         for i in batch:
             out[i] = [next(flat) for _ in states[i]["actions"]]

@@ -129,8 +129,8 @@ def test_critic_values_equal_each_pair_alone(attn):
     critic = tiny_critic(attn)
     shared = C.action_values(critic, list(zip(states, actions)), batch_actions=4)
     with torch.no_grad():
-        alone = [[critic(torch.tensor([s + a]), torch.ones(1, len(s + a), dtype=torch.long))[0, -1].item() for a in acts]
-                 for s, acts in zip(states, actions)]
+        alone = [[critic(torch.tensor([s + a]), torch.ones(1, len(s + a), dtype=torch.long))[0, -1].item()
+                  for a in acts] for s, acts in zip(states, actions)]
     assert flat(alone).std() > 1e-3
     torch.testing.assert_close(flat(shared), flat(alone), rtol=1e-5, atol=0)
 
