@@ -15,6 +15,8 @@ completions):
          L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ],
      with all candidates of a state in the same micro-batch, AdamW, linear decay and gradient clipping.
   6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy.
+Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
+attending to the state and to itself (common.shared_prefix_rows), instead of one row per (state, candidate).
 
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
@@ -209,7 +211,7 @@ def action_logps(model, states: list[list[int]], actions: list[list[list[int]]])
     device = next(model.parameters()).device
     rows = shared_prefix_rows(states, actions, device)
     width = rows.input_ids.shape[1]
-    keep = width - int(rows.token_from.min()) if len(rows.token_from) else 1  # the first column that predicts a token
+    keep = width - int(rows.token_from.min()) if len(rows.token_from) else 1  # columns from the first that predicts
     config = getattr(model, "module", model).config  # under DDP the model is wrapped
     logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask(config), position_ids=rows.position_ids,
                    use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
