@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, enable_checkpointing,
-                    finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at, parse_config, read_jsonl,
-                    run, save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+                    finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at, pack, parse_config, read_jsonl,
+                    run, save_checkpoint, seed_everything, setup_distributed, shared_prefix_rows, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -97,9 +97,12 @@ class Critic(torch.nn.Module):
             raise InputError(f"{path}: cannot load a backbone ({e})") from None
         return cls(backbone).to(device)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_logits: bool = False) -> torch.Tensor:
-        """[B, T] token ids -> [B, T]: V of the prefix ending at every position (logits of V if asked)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_logits: bool = False,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] token ids -> [B, T]: V of the prefix ending at every position (logits of V if asked). The
+        mask is a [B, T] padding mask, or a 4-D mask with its position ids (common.shared_prefix_rows)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state  # [B, T, H]
         logits = self.value_head(hidden).squeeze(-1)  # [B, T]
         return logits if return_logits else torch.sigmoid(logits)
 
@@ -155,11 +158,28 @@ def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[i
     return values
 
 
-def critic_values(critic: Critic, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
-    """V(s) for states given as token ids (prompt + steps): the value at each sequence's last token."""
-    if any(len(s) == 0 for s in sequences):
-        raise ValueError("critic_values: a state needs at least one token (its prompt)")
-    return [v[0] for v in values_at(critic, sequences, [[len(s) - 1] for s in sequences], batch_size)]
+@torch.no_grad()
+def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
+                  batch_actions: int = 64) -> list[list[float]]:
+    """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
+    (V(s) for an empty action). Each state is read once, its actions packed after it in one row
+    (common.shared_prefix_rows); whole states of similar length share a forward pass of about batch_actions
+    actions."""
+    device = next(critic.parameters()).device
+    was_training = critic.training
+    critic.eval()
+    order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]) + sum(map(len, asked[i][1])))
+    values: list[list[float]] = [[] for _ in asked]
+    for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
+        rows = shared_prefix_rows([asked[i][0] for i in batch], [asked[i][1] for i in batch], device)
+        with autocast(device):
+            v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
+                       position_ids=rows.position_ids).float()  # [B, W]
+        flat = iter(v[rows.last_row, rows.last_col].tolist())  # [N]
+        for i in batch:
+            values[i] = [next(flat) for _ in asked[i][1]]
+    critic.train(was_training)
+    return values
 
 
 # ============================================================================= the loss

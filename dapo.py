@@ -15,6 +15,8 @@ completions):
          L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ],
      with all candidates of a state in the same micro-batch, AdamW, linear decay and gradient clipping.
   6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy.
+Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
+attending to the state and to itself (common.shared_prefix_rows), instead of one row per (state, candidate).
 
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
@@ -59,9 +61,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, enable_checkpointing, finalize_dir,
-                    load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
-                    save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
-from critic import critic_values, load_critic
+                    load_causal_lm, load_checkpoint, load_tokenizer, lr_at, pack, parse_config, read_jsonl, run,
+                    save_checkpoint, seed_everything, setup_distributed, shared_prefix_rows, write_json_atomic)
+from critic import action_values, load_critic
 
 
 @dataclasses.dataclass
@@ -80,8 +82,8 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more time")
-    critic_batch_size: int = arg(64, "sequences per critic forward pass (Q values, once before training)")
-    ref_batch_size: int = arg(64, "sequences per forward pass of log pi_ref (once before training)")
+    critic_batch_size: int = arg(64, "actions per critic forward pass, whole states (Q values, once before training)")
+    ref_batch_size: int = arg(64, "actions per forward pass of log pi_ref, whole states (once before training)")
     seed: int = arg(0, "seed of the order of the states")
     log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
     checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint.pt every N optimizer steps")
@@ -127,14 +129,21 @@ def read_states(path: str) -> list[dict]:
     return states
 
 
-def q_values(states: list[dict], critic_values) -> list[list[float]]:
+def q_values(states: list[dict], action_values) -> list[list[float]]:
     """Q(s, a_i) of every candidate: the reward when a_i ends the solution (Q = r + V(terminal) = r), else
-    V_phi(s . a_i) (Q = 0 + V). critic_values maps token sequences to values; each distinct s . a_i is
-    asked once (duplicate candidates share it)."""
-    sequences = {tuple(s["state_ids"] + a["ids"]): None for s in states for a in s["actions"] if not a["terminal"]}
-    values = dict(zip(sequences, critic_values([list(seq) for seq in sequences])))
-    return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"] + a["ids"])] for a in s["actions"]]
-            for s in states]
+    V_phi(s . a_i) (Q = 0 + V). action_values maps [(state, [action, ...]), ...] to [[V(state . action), ...],
+    ...]; each distinct state is asked once, with its distinct non-terminal candidates (duplicates and records
+    of the same state share them)."""
+    candidates: dict[tuple, dict[tuple, None]] = {}  # state -> its distinct non-terminal actions, in order
+    for s in states:
+        for a in s["actions"]:
+            if not a["terminal"]:
+                candidates.setdefault(tuple(s["state_ids"]), {})[tuple(a["ids"])] = None
+    asked = [(list(state), [list(a) for a in actions]) for state, actions in candidates.items()]
+    values = {(tuple(state), tuple(a)): v for (state, actions), vs in zip(asked, action_values(asked))
+              for a, v in zip(actions, vs)}
+    return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"]), tuple(a["ids"])]
+             for a in s["actions"]] for s in states]
 
 
 def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
@@ -173,8 +182,8 @@ def on_all_ranks(fn, items: list) -> list:
 def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
     """Step 1 with the critic of critic.py, loaded for this and freed on return."""
     critic = load_critic(cfg.critic, device)
-    values = lambda part: critic_values(critic, part, batch_size=cfg.critic_batch_size)  # noqa: E731
-    q = q_values(states, lambda sequences: on_all_ranks(values, sequences))
+    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
+    q = q_values(states, lambda asked: on_all_ranks(values, asked))
     critic = None  # empty the closure's cell too, so the memory is released before empty_cache
     gc.collect()
     if device.type == "cuda":
@@ -194,57 +203,46 @@ def fingerprint(*paths: str, extra: str = "") -> str:
 
 
 # ============================================================================= log pi(a|s) with a causal LM
-def action_logps(model, states: list[list[int]], actions: list[list[int]], pad_id: int) -> torch.Tensor:
-    """log pi(a|s) = SUM of the action's token log-probs, for a batch of (state, action) pairs: [B].
+def action_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
+    """log pi(a|s) = SUM of the action's token log-probs, for every action of a batch of states (actions[i]
+    are the candidates of states[i]): [N], the actions in order.
 
-    Left padding puts every action at the end of its row, so only the logits of the last K + 1 positions
-    are computed (K = the longest action): [B, K, V] instead of [B, L, V]."""
+    Each state is read once: one row per state holds the state and then all its actions, each action seeing
+    the state and itself (common.shared_prefix_rows). In training the gradient of every action flows into the
+    state's tokens too, as it would through the sequence state . action. Rows are left-padded, so only the
+    logits of the last K + 1 columns are computed (K = the most action tokens of a row): [B, K + 1, V]."""
     device = next(model.parameters()).device
-    lengths = [len(s) + len(a) for s, a in zip(states, actions)]
-    width, k = max(lengths), max(map(len, actions))
-    ids = torch.tensor([[pad_id] * (width - n) + s + a for s, a, n in zip(states, actions, lengths)], device=device)  # [B, L]
-    first_real = torch.tensor([width - n for n in lengths], device=device)  # [B]
-    attn = (torch.arange(width, device=device)[None] >= first_real[:, None]).long()  # [B, L] 0 on the padding
-    position = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, L] real tokens count from 0, as in rollout.generate
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=False,
-                   logits_to_keep=k + 1).logits[:, :-1]  # [B, K, V] the predictions of the last K tokens
-    targets = ids[:, -k:]  # [B, K]
-    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # [B, K]
-    first_action = torch.tensor([k - len(a) for a in actions], device=device)  # [B]
-    in_action = torch.arange(k, device=device)[None] >= first_action[:, None]  # [B, K]
-    return (token_logp * in_action).sum(-1)  # [B]
+    rows = shared_prefix_rows(states, actions, device)
+    width = rows.input_ids.shape[1]
+    keep = width - int(rows.token_from.min()) if len(rows.token_from) else 1  # columns from the first that predicts
+    config = getattr(model, "module", model).config  # under DDP the model is wrapped
+    logits = model(input_ids=rows.input_ids, attention_mask=rows.attention_mask(config), position_ids=rows.position_ids,
+                   use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
+    predicting = logits[rows.token_row, rows.token_from - (width - keep)]  # [T, V] the logits before each action token
+    targets = rows.input_ids[rows.token_row, rows.token_col]  # [T]
+    token_logp = torch.log_softmax(predicting.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # [T]
+    return torch.zeros(rows.num_actions, device=device).index_add(0, rows.token_action, token_logp)  # [N]
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
-                    desc: str | None) -> list[float]:
-    """Step 4: log pi_ref(a|s) of every (state, action) pair, batched by length (little padding)."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    out = [0.0] * len(pairs)
+def reference_logps(model, states: list[dict], batch_actions: int, desc: str | None) -> list[list[float]]:
+    """Step 4: log pi_ref(a|s) of every action of every state ({state_ids, actions}), whole states of similar
+    length packed into forward passes of about batch_actions actions."""
+    sizes = [len(s["actions"]) for s in states]
+    order = sorted(range(len(states)), key=lambda i: len(states[i]["state_ids"]) + sum(map(len, states[i]["actions"])))
+    out: list[list[float]] = [[] for _ in states]
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
-        batch = order[start: start + batch_size]
+    for batch in tqdm(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
         with autocast(device):
-            logp = action_logps(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch], pad_id)  # [B]
-        for i, v in zip(batch, logp.tolist()):
-            out[i] = v
+            logp = action_logps(model, [states[i]["state_ids"] for i in batch],
+                                [states[i]["actions"] for i in batch])  # [n]
+        flat = iter(logp.tolist())
+        for i in batch:
+            out[i] = [next(flat) for _ in states[i]["actions"]]
     return out
 
 
 # ============================================================================= batching: whole states
-def pack(indices: list[int], sizes: list[int], limit: int, min_states: int = 1) -> list[list[int]]:
-    """Consecutive states packed into groups of at most `limit` actions, unless a group needs more to hold
-    min_states states (so a state larger than the limit forms its own group)."""
-    groups, current, count = [], [], 0
-    for i in indices:
-        if len(current) >= min_states and count + sizes[i] > limit:
-            groups.append(current)
-            current, count = [], 0
-        current.append(i)
-        count += sizes[i]
-    return groups + [current] if current else groups
-
-
 def global_batches(sizes: list[int], batch_actions: int, world_size: int, seed: int) -> list[list[int]]:
     """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
     batch_actions actions. Every batch gets at least one state per rank (a short last batch joins the one
@@ -319,11 +317,10 @@ def main() -> None:
     model = load_causal_lm(cfg.policy, ddp.device)
     if "ref_logp" not in train[0]:
         model.eval()
-        pairs = [(s["state_ids"], a) for s in train for a in s["actions"]]
-        flat = iter(on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size, tok.pad_token_id,
-                                                              "log pi_ref" if ddp.is_main else None), pairs))
-        for s in train:
-            s["ref_logp"] = [next(flat) for _ in s["actions"]]
+        ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
+                                                              "log pi_ref" if ddp.is_main else None), train)
+        for s, ref_logp in zip(train, ref_logps):
+            s["ref_logp"] = ref_logp
         if ddp.is_main:
             os.makedirs(work_dir, exist_ok=True)
             save_checkpoint(cache_path, prepared)
@@ -371,8 +368,7 @@ def main() -> None:
             last = j == len(micro) - 1
             with actor.no_sync() if actor is not model and not last else contextlib.nullcontext():
                 with autocast(ddp.device):
-                    logp = action_logps(actor, [s["state_ids"] for s in batch for _ in s["actions"]],
-                                        [a for s in batch for a in s["actions"]], tok.pad_token_id)  # [n]
+                    logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
                 # The mean of eq. 12 over all actions of the step (all ranks): DDP averages over ranks, hence * world.
                 weight = len(advantages) / step_actions * ddp.world_size
                 (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()

@@ -59,7 +59,10 @@ def test_one_pass_equals_prefix_passes(toy_dir, solutions):
     with torch.no_grad():
         prefix_only = [[critic(torch.tensor([s["ids"][: p + 1]]), torch.ones(1, p + 1, dtype=torch.long))[0, -1].item()
                         for p in s["value_positions"]] for s in some]
-    batched = C.critic_values(critic, [s["ids"][: p + 1] for s in some for p in s["value_positions"]], batch_size=5)
+    # Shared prefix: s_0 read once, each later state s_t = s_0 . (the steps after it) as one action of s_0.
+    first = [s["value_positions"][0] + 1 for s in some]  # length of s_0
+    asked = [(s["ids"][:n], [s["ids"][n: p + 1] for p in s["value_positions"]]) for s, n in zip(some, first)]
+    batched = [v for vs in C.action_values(critic, asked, batch_actions=5) for v in vs]
     flat = [v for vs in prefix_only for v in vs]
     assert torch.tensor(flat).std() > 1e-3  # the values differ, so equal lists mean something
     assert sum(len(s["value_positions"]) for s in some) > len(some)  # several states per solution
@@ -167,7 +170,8 @@ def test_save_load_round_trip(toy_dir, solutions, tmp_path):
     C.save_critic(critic, load_tokenizer(str(toy_dir / "sft")), str(tmp_path / "c"))
     assert sorted(os.listdir(tmp_path)) == ["c"]  # the temporary directory is gone
     loaded = C.load_critic(str(tmp_path / "c"), "cpu")
-    assert C.critic_values(loaded, states) == C.critic_values(critic, states)
+    last = [[len(s) - 1] for s in states]
+    assert C.values_at(loaded, states, last) == C.values_at(critic, states, last)
 
 
 def test_heldout_split_is_by_question_and_deterministic():

@@ -54,18 +54,22 @@ def state(ids, actions):
         {"ids": a, "terminal": r is not None, "reward": r} for a, r in actions]}
 
 
-def test_q_values_terminal_takes_reward_and_each_sequence_is_asked_once():
+def test_q_values_terminal_takes_reward_and_each_state_is_asked_once():
     states = [state([1, 2], [([3], None), ([3], None), ([4, 5], 1.0), ([6], None)]),
-              state([1, 7], [([8, 9], 0.0), ([3], None)])]
+              state([1, 7], [([8, 9], 0.0), ([3], None)]),
+              state([1, 2], [([6], None), ([5, 5, 5], None)]),  # the first state again (another solution's s_0)
+              state([4], [([1], 1.0)])]  # only a terminal candidate: the critic is not asked about it
     asked = []
 
-    def fake_critic(sequences):
-        asked.extend(map(tuple, sequences))
-        return [0.1 * len(s) for s in sequences]
+    def fake_critic(pairs):
+        asked.extend((tuple(s), tuple(map(tuple, actions))) for s, actions in pairs)
+        return [[0.1 * (len(s) + len(a)) for a in actions] for s, actions in pairs]
 
     q = dapo.q_values(states, fake_critic)
     assert q[0] == pytest.approx([0.3, 0.3, 1.0, 0.3]) and q[1] == pytest.approx([0.0, 0.3])
-    assert sorted(asked) == sorted({(1, 2, 3), (1, 2, 6), (1, 7, 3)})  # never a terminal one, never twice
+    assert q[2] == pytest.approx([0.3, 0.5]) and q[3] == [1.0]
+    # Each state once, with its distinct non-terminal candidates: never a terminal one, never twice.
+    assert asked == [((1, 2), ((3,), (6,), (5, 5, 5))), ((1, 7), ((3,),))]
 
 
 def test_training_set_keeps_unique_candidates_of_states_with_a_gap():
@@ -201,7 +205,8 @@ def test_cached_q_values_and_ref_logps_are_right(actor, toy_dir, toy_rollout, to
     critic = critic_lib.load_critic(str(toy_critic), torch.device("cpu"))
     terminal_differs = 0
     for s, q_s in zip(states, prepared["q_values"]):
-        values = critic_lib.critic_values(critic, [s["state_ids"] + a["ids"] for a in s["actions"]])
+        sequences = [s["state_ids"] + a["ids"] for a in s["actions"]]  # each pair alone: the plain computation
+        values = [v for v, in critic_lib.values_at(critic, sequences, [[len(x) - 1] for x in sequences])]
         for a, q, v in zip(s["actions"], q_s, values):
             if a["terminal"]:
                 assert q == a["reward"]  # Q = r: the critic's value of a finished solution is not used
@@ -209,7 +214,7 @@ def test_cached_q_values_and_ref_logps_are_right(actor, toy_dir, toy_rollout, to
             else:
                 assert q == pytest.approx(v, abs=1e-5)
     assert terminal_differs > 0  # so the check above could fail
-    # log pi_ref, computed once in batches with left padding, equals the plain computation.
+    # log pi_ref, computed once in batches of shared-prefix rows, equals the plain computation.
     policy = load_causal_lm(str(toy_dir / "sft"), torch.device("cpu"))
     pairs = [(t["state_ids"], a, r) for t in prepared["train"] for a, r in zip(t["actions"], t["ref_logp"])]
     assert len(pairs) > 10
@@ -221,9 +226,7 @@ def test_training_raises_positive_advantage_actions_over_negative(actor, toy_dir
     out, _ = actor
     prepared = load_checkpoint(str(out) + ".work/prepared.pt")
     model = load_causal_lm(str(out), torch.device("cpu"))
-    pairs = [(t["state_ids"], a) for t in prepared["train"] for a in t["actions"]]
-    pad_id = load_tokenizer(str(out)).pad_token_id
-    logp = dapo.reference_logps(model, pairs, 64, pad_id, desc=None)  # batched: checked against plain above
+    logp = [lp for s in dapo.reference_logps(model, prepared["train"], 64, desc=None) for lp in s]  # checked above
     ref = [r for t in prepared["train"] for r in t["ref_logp"]]
     advantages = [a for t in prepared["train"] for a in t["advantages"]]
     up = [lp - r for lp, r, a in zip(logp, ref, advantages) if a > 1e-6]
