@@ -163,7 +163,8 @@ def distribute(model, ddp: Dist, fsdp: bool):
     in fp32; on the CPU everything stays fp32. Build the optimizer after this: sharding replaces parameters."""
     layers = decoder_layers(model) if fsdp else []
     if fsdp and not layers:  # checked in one process too: the same command under torchrun would fail
-        raise InputError(f"--fsdp cannot find the decoder layers of {type(model).__name__} to shard; run without --fsdp")
+        raise InputError(f"--fsdp cannot find the decoder layers of {type(model).__name__} to shard; "
+                         "run without --fsdp")
     if fsdp and dist.is_initialized():
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -208,8 +209,9 @@ def held_per_rank(model, optimizer) -> str:
     """How many parameter, gradient and optimizer-state values each rank holds (its shards under FSDP, whole
     copies under DDP); call it after a backward pass and an optimizer step, when all three exist."""
     params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]  # not "step"
     mine = [sum(_local(p).numel() for p in params), sum(_local(p.grad).numel() for p in params if p.grad is not None),
-            sum(_local(v).numel() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())]
+            sum(_local(v).numel() for v in states)]
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()

@@ -63,7 +63,7 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more compute")
-    fsdp: bool = arg(False, "under torchrun, shard parameters, gradients and AdamW state over the ranks (FSDP2) instead of DDP")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
     heldout_fraction: float = arg(0.05, "fraction of QUESTIONS held out for the metrics (0: none)")
     eval_batch_size: int = arg(64, "solutions per forward pass when measuring the held-out metrics")
     seed: int = arg(0, "seed of the data order")
