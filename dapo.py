@@ -310,6 +310,8 @@ def main() -> None:
         if ddp.is_main:
             print(f"reusing Q values, advantages and log pi_ref from {cache_path}")
     else:
+        # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
+        # (4 bytes per parameter, not 16), and each rank works through its share of the sequences alone.
         q = critic_q_values(cfg, ddp.device, states)
         prepared = {"key": key, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
     train = prepared["train"]
