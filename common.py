@@ -493,7 +493,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """A resumable checkpoint is one dict {model, optimizer, step, ...} written atomically."""
+    """A dict (dapo.py's cache of Q values and log pi_ref) written atomically; model training state goes through
+    save_training_state instead."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
