@@ -4,6 +4,7 @@ Nothing of the algorithm lives here: only what several scripts need in the same 
   - config: a dataclass per script, whose fields carry their help text, parsed from the command line
   - errors: bad input raises InputError (file and line in the message); `run` turns it into one line + exit 2
   - DDP: `setup_distributed` works under plain `python` (one process) and under `torchrun`
+  - FSDP2: sharding, gradient sync, clipping and checkpoints that work the same on plain, DDP and sharded models
   - JSONL: validated reading, crash-safe appending, atomic writing
   - models: tokenizer / causal LM loading with clear errors, prompts, step delimiters in token space
   - training: learning-rate schedule and resumable checkpoints shared by the critic and the actor
@@ -146,6 +147,144 @@ def all_ranks_sum(x: float) -> float:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- FSDP2
+# Under DDP every rank holds the whole model, its gradients and AdamW state: 16 bytes per parameter, 112 GB for
+# a 7B model. FSDP2 (torch.distributed.fsdp.fully_shard) splits all three over the ranks; each decoder layer's
+# full parameters exist only while that layer computes. The helpers below take the plain, DDP or sharded model
+# alike, so the training loops have one path.
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a Hugging Face model: the blocks its classes declare must never be split
+    (`_no_split_modules`, the declaration accelerate's device_map reads too). Each becomes one FSDP unit."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def check_shardable(path: str, auto_class) -> None:
+    """Fail fast, before any work, when --fsdp cannot shard a model: its skeleton is built on the meta device
+    (no weight is read or allocated) and searched for decoder layers."""
+    from transformers import AutoConfig
+
+    source, gguf = gguf_source(path)
+    with torch.device("meta"):
+        model = auto_class.from_config(AutoConfig.from_pretrained(source, **gguf))
+    if not decoder_layers(model):
+        raise InputError(f"{path}: --fsdp cannot find the decoder layers of {type(model).__name__} to shard "
+                         "(its class declares no _no_split_modules); run without --fsdp")
+
+
+def distribute(model, ddp: Dist, fsdp: bool):
+    """The model the training loop calls. One process: the model itself. Under torchrun: wrapped by DDP, or,
+    with fsdp, sharded in place by FSDP2 (every decoder layer, then the root: embeddings, final norm, heads).
+    On CUDA the shards stay fp32 (the master weights) while layers compute in bf16 and gradients are reduced
+    in fp32; on the CPU everything stays fp32. Build the optimizer after this: sharding replaces parameters."""
+    layers = decoder_layers(model) if fsdp else []
+    if fsdp and not layers:  # checked in one process too: the same command under torchrun would fail
+        raise InputError(f"--fsdp cannot find the decoder layers of {type(model).__name__} to shard; "
+                         "run without --fsdp")
+    if fsdp and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(ddp.device.type, (ddp.world_size,))
+        mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if ddp.device.type == "cuda" else MixedPrecisionPolicy())
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mixed)
+        fully_shard(model, mesh=mesh, mp_policy=mixed)
+        return model
+    if ddp.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    return model
+
+
+def sync_gradients(model, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients over the ranks in the backward pass of the last micro-batch only.
+    Earlier ones accumulate locally (DDP: no all-reduce; FSDP: no reduce-scatter, so each rank holds full-size
+    fp32 gradients until the last micro-batch: the price of sending them once per step)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = sync
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clip_gradients(model, max_norm: float) -> float:
+    """Clip the norm of the whole gradient (all ranks' shards under FSDP) to max_norm (0: no clipping) and return
+    the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def held_per_rank(model, optimizer) -> str:
+    """How many parameter, gradient and optimizer-state values each rank holds (its shards under FSDP, whole
+    copies under DDP); call it after a backward pass and an optimizer step, when all three exist."""
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]  # not "step"
+    mine = [sum(_local(p).numel() for p in params), sum(_local(p.grad).numel() for p in params if p.grad is not None),
+            sum(_local(v).numel() for v in states)]
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    total = sum(p.numel() for p in params)
+    return (f"held per rank (parameters / gradients / optimizer state) of {total:,} parameters: "
+            + "; ".join(f"rank {r} {p:,} / {g:,} / {s:,}" for r, (p, g, s) in enumerate(ranks)))
+
+
+def save_training_state(path: str, model, optimizer, meta: dict) -> None:
+    """The resumable checkpoint, a directory: the model and optimizer state in torch.distributed.checkpoint's
+    format (under FSDP every rank writes its own shards and no rank gathers the whole model) and meta.pt (step,
+    config, ...). Written beside path and renamed into place, so path is always a complete checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = path.rstrip("/") + ".tmp"
+    if main and os.path.exists(tmp):  # left by a run killed while saving
+        shutil.rmtree(tmp)
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if main:
+        torch.save(meta, os.path.join(tmp, "meta.pt"))
+        finalize_dir(tmp, path)
+    barrier()
+
+
+def training_meta(path: str) -> dict | None:
+    """meta.pt of the resumable checkpoint at path, or None when there is none."""
+    meta = os.path.join(path, "meta.pt")
+    return torch.load(meta, weights_only=False) if os.path.exists(meta) else None
+
+
+def load_training_state(path: str, model, optimizer) -> None:
+    """Load the checkpoint of save_training_state into a model and optimizer set up as when it was saved
+    (sharded or not): each rank reads only what it holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on rank 0's CPU (an empty dict on the other ranks), gathered one tensor at a
+    time, to save as a plain model directory that loads in one process without FSDP. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -440,12 +579,12 @@ def shared_prefix_rows(states: list[list[int]], actions: list[list[list[int]]], 
                             tensor(last_row), tensor(last_col))
 
 
-def pack(indices: list[int], sizes: list[int], limit: int, min_states: int = 1) -> list[list[int]]:
-    """Consecutive states (sizes[i] actions each) packed into groups of at most `limit` actions, unless a group
-    needs more to hold min_states states (so a state larger than the limit forms its own group)."""
+def pack(indices: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive states packed into groups of at most `limit` actions (a state larger than the limit forms
+    its own group)."""
     groups, current, count = [], [], 0
     for i in indices:
-        if len(current) >= min_states and count + sizes[i] > limit:
+        if current and count + sizes[i] > limit:
             groups.append(current)
             current, count = [], 0
         current.append(i)
@@ -463,7 +602,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """A resumable checkpoint is one dict {model, optimizer, step, ...} written atomically."""
+    """A dict (dapo.py's cache of Q values and log pi_ref) written atomically; model training state goes through
+    save_training_state instead."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

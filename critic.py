@@ -23,10 +23,12 @@ Training, one pass per solution:
 
     python critic.py --rollout_dir runs/toy/rollout --init runs/toy/sft --out_dir runs/toy/critic
     torchrun --nproc_per_node=8 critic.py ...          # same flags; --batch_size stays the global batch
+    torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
 
 Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults). A killed run resumes
-from out_dir.ckpt when rerun with the same command; out_dir itself appears only when the critic is complete.
+from out_dir.ckpt/ (a torch.distributed.checkpoint directory, sharded under --fsdp) when rerun with the same
+command; out_dir itself appears only when the critic is complete, as full weights that load without FSDP.
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, enable_checkpointing,
-                    finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at, pack, parse_config, read_jsonl,
-                    run, save_checkpoint, seed_everything, setup_distributed, shared_prefix_rows, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, clip_gradients,
+                    distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank, load_pretrained,
+                    load_tokenizer, load_training_state, lr_at, pack, parse_config, read_jsonl, run, save_training_state,
+                    seed_everything, setup_distributed, shared_prefix_rows, sync_gradients, training_meta,
+                    write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -65,11 +68,12 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more compute")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
     heldout_fraction: float = arg(0.05, "fraction of QUESTIONS held out for the metrics (0: none)")
     eval_batch_size: int = arg(64, "solutions per forward pass when measuring the held-out metrics")
     seed: int = arg(0, "seed of the data order")
     log_every: int = arg(10, "print a line of metrics every N optimizer steps")
-    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt every N optimizer steps")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt/ every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
 
 
@@ -107,14 +111,17 @@ class Critic(torch.nn.Module):
         return logits if return_logits else torch.sigmoid(logits)
 
 
-def save_critic(critic: Critic, tokenizer, out_dir: str) -> None:
+def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None) -> None:
     """One directory: the backbone (save_pretrained), the value head and the tokenizer. Written beside
-    out_dir and renamed into place, so a directory named out_dir is always a complete critic."""
+    out_dir and renamed into place, so a directory named out_dir is always a complete critic. `state` holds
+    the critic's full weights when the module itself holds only a shard of them (FSDP)."""
+    state = critic.state_dict() if state is None else state
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     tmp = out_dir.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    critic.backbone.save_pretrained(tmp)
-    torch.save(critic.value_head.state_dict(), os.path.join(tmp, HEAD_FILE))
+    critic.backbone.save_pretrained(tmp, state_dict=part("backbone."))
+    torch.save(part("value_head."), os.path.join(tmp, HEAD_FILE))
     tokenizer.save_pretrained(tmp)
     finalize_dir(tmp, out_dir)
 
@@ -317,21 +324,20 @@ def main() -> None:
     if cfg.gradient_checkpointing:
         enable_checkpointing(critic.backbone)
     critic.train()
+    model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # Resume: a checkpoint of this run replaces the freshly built model and optimizer.
     ckpt_path = cfg.out_dir.rstrip("/") + ".ckpt"
-    step, loss, ckpt = 0, None, load_checkpoint(ckpt_path)
-    if ckpt is not None:
+    step, loss, meta = 0, None, training_meta(ckpt_path)
+    if meta is not None:
         ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "checkpoint_every", "stop_after")}
-        theirs = {k: ckpt["config"].get(k) for k in ours}
+        theirs = {k: meta["config"].get(k) for k in ours}
         if ours != theirs:
             changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
             raise InputError(f"{ckpt_path}: checkpoint of a run with other settings ({changed}); delete it to start over")
-        critic.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, loss = ckpt["step"], ckpt["train_loss"]
-    model = DDP(critic, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if ddp.world_size > 1 else critic
+        load_training_state(ckpt_path, critic, optimizer)
+        step, loss = meta["step"], meta["train_loss"]
     if ddp.is_main:
         print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
               f"{round(sum(w for s in train for w in s['weights']))} distinct), "
@@ -343,6 +349,7 @@ def main() -> None:
     # global batch's states (state_weights: every distinct state counts once).
     t0 = time.time()
     bar = tqdm(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
+    first_step = step
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), cfg.seed, epoch)
@@ -356,17 +363,20 @@ def main() -> None:
         for micro in range(accum):
             ids, mask, rows, cols, labels, weights = collate(
                 mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
-            if ddp.world_size > 1:  # all-reduce the gradients once, on the last micro-step, not on every one
-                model.require_backward_grad_sync = micro == accum - 1
+            sync_gradients(model, micro == accum - 1)  # reduce the gradients once, on the last micro-step
             with autocast(ddp.device):
                 logits = model(ids, mask, return_logits=True)  # [B, T]
             weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
-            # DDP averages gradients over ranks: x world_size / (total weight of the global batch) makes the
-            # gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
+            # DDP and FSDP average gradients over ranks: x world_size / (total weight of the global batch) makes
+            # the gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
             (weighted.sum() * ddp.world_size / total_weight).backward()
             loss_sum += weighted.sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(critic, cfg.grad_clip)
         optimizer.step()
+        if step == first_step:  # parameters, gradients and AdamW state all exist now
+            shards = held_per_rank(critic, optimizer)
+            if ddp.is_main:
+                tqdm.write(shards)
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss = all_ranks_sum(loss_sum) / total_weight
@@ -374,10 +384,10 @@ def main() -> None:
         bar.set_postfix(loss=f"{loss:.4f}")
         if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
             tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
-                       f"grad norm {grad_norm.item():.3f} | {time.time() - t0:.1f}s")
-        if ddp.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.stop_after):
-            save_checkpoint(ckpt_path, {"model": critic.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "step": step, "train_loss": loss, "config": dataclasses.asdict(cfg)})
+                       f"grad norm {grad_norm:.3f} | {time.time() - t0:.1f}s")
+        if step % cfg.checkpoint_every == 0 or step == cfg.stop_after:  # every rank writes what it holds
+            save_training_state(ckpt_path, critic, optimizer,
+                                {"step": step, "train_loss": loss, "config": dataclasses.asdict(cfg)})
         if step == cfg.stop_after and step < total_steps:
             if ddp.is_main:
                 tqdm.write(f"stopped after step {step} (--stop_after); rerun the same command to resume from {ckpt_path}")
@@ -386,17 +396,20 @@ def main() -> None:
     bar.close()
 
     # 5. Held-out metrics, then the critic directory; the checkpoint goes last (a kill before that resumes
-    # at the final step and only redoes this).
+    # at the final step and only redoes this). A sharded critic computes only with every rank joining each
+    # forward pass (each layer's parameters are gathered from all), so under FSDP every rank measures the same
+    # held-out batches; its full weights are gathered onto rank 0's CPU to be saved.
+    metrics = heldout_metrics(critic, heldout, cfg.eval_batch_size) if heldout and (ddp.is_main or cfg.fsdp) else None
+    state = full_state_dict(critic) if cfg.fsdp else None
     if ddp.is_main:
-        metrics = heldout_metrics(critic, heldout, cfg.eval_batch_size) if heldout else None
         if metrics:
             print_metrics(metrics)
-        save_critic(critic, tok, cfg.out_dir)
+        save_critic(critic, tok, cfg.out_dir, state)
         write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), {
             "heldout": metrics, "train_solutions": len(train), "steps": total_steps, "final_train_loss": loss,
             "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
         if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+            shutil.rmtree(ckpt_path)
         print(f"critic saved to {cfg.out_dir}")
     cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved
 

@@ -21,6 +21,7 @@ attending to the state and to itself (common.shared_prefix_rows), instead of one
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
+    torchrun --nproc_per_node=8 dapo.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
 
 The defaults are the paper's settings for 7-8B models. The toy task (0.5M parameters, a few hundred states)
 takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_actions 64 (demo.sh).
@@ -28,8 +29,8 @@ takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_ac
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
 train_summary.json with the data kept, the last step's metrics and the config) appears only when training
 has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
-(reused by a rerun on the same inputs, e.g. with another beta or lr) and the resumable checkpoint: rerunning
-the same command after a kill resumes from it.
+(reused by a rerun on the same inputs, e.g. with another beta or lr) and the resumable checkpoint (checkpoint/, in
+torch.distributed.checkpoint's format, sharded under --fsdp): rerunning the same command after a kill resumes from it.
 
 Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
 pi_ref and the generator, and warm-starts the critic from the critic of iteration i (demo.sh runs this loop):
@@ -45,7 +46,6 @@ pi_ref and the generator, and warm-starts the critic from the critic of iteratio
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import gc
 import glob
@@ -57,12 +57,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, enable_checkpointing, finalize_dir,
-                    load_causal_lm, load_checkpoint, load_tokenizer, lr_at, pack, parse_config, read_jsonl, run,
-                    save_checkpoint, seed_everything, setup_distributed, shared_prefix_rows, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_shardable, cleanup_distributed, clip_gradients,
+                    distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank, load_causal_lm,
+                    load_checkpoint, load_tokenizer, load_training_state, lr_at, pack, parse_config, read_jsonl, run,
+                    save_checkpoint, save_training_state, seed_everything, setup_distributed, shared_prefix_rows,
+                    sync_gradients, training_meta, write_json_atomic)
 from critic import action_values, load_critic
 
 
@@ -82,11 +83,12 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more time")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
     critic_batch_size: int = arg(64, "actions per critic forward pass, whole states (Q values, once before training)")
     ref_batch_size: int = arg(64, "actions per forward pass of log pi_ref, whole states (once before training)")
     seed: int = arg(0, "seed of the order of the states")
     log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
-    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint.pt every N optimizer steps")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint/ every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
 
 
@@ -243,18 +245,20 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
 
 
 # ============================================================================= batching: whole states
-def global_batches(sizes: list[int], batch_actions: int, world_size: int, seed: int) -> list[list[int]]:
+def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list[int]]:
     """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
-    batch_actions actions. Every batch gets at least one state per rank (a short last batch joins the one
-    before), so that every rank takes part in every gradient all-reduce."""
+    batch_actions actions. The same batches for any number of ranks, so the optimizer steps and the
+    learning-rate schedule are too: a rank left with fewer states than the others fills up with dummies."""
     order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
-    batches = pack(order, sizes, batch_actions, min_states=world_size)
-    if len(batches) > 1 and len(batches[-1]) < world_size:
-        last = batches.pop()
-        batches[-1] += last
-    if len(batches[-1]) < world_size:
-        raise InputError(f"{len(sizes)} training state(s) cannot feed {world_size} ranks")
-    return batches
+    return pack(order, sizes, batch_actions)
+
+
+def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's share of a global batch, packed into micro-batches of at most `limit` actions, then padded
+    with empty micro-batches to the count of the busiest rank: every rank runs the same number of forward and
+    backward passes, the collectives of FSDP (a gather of each layer's parameters in every pass) and DDP match."""
+    mine = [pack(batch[r::world_size], sizes, limit) for r in range(world_size)]
+    return mine[rank] + [[]] * (max(map(len, mine)) - len(mine[rank]))
 
 
 # ============================================================================= metrics of a step
@@ -293,6 +297,10 @@ def main() -> None:
     if too_big >= len(tok):
         raise InputError(f"{states_path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
                          f"({len(tok)} tokens): was the rollout made with another policy?")
+    if cfg.fsdp:
+        from transformers import AutoModelForCausalLM
+
+        check_shardable(cfg.policy, AutoModelForCausalLM)
     work_dir = cfg.out_dir.rstrip("/") + ".work"
 
     # 1-3. Q values, advantages and the training set; cached together with step 4.
@@ -303,6 +311,8 @@ def main() -> None:
         if ddp.is_main:
             print(f"reusing Q values, advantages and log pi_ref from {cache_path}")
     else:
+        # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
+        # (4 bytes per parameter, not 16), and each rank works through its share of the sequences alone.
         q = critic_q_values(cfg, ddp.device, states)
         prepared = {"key": key, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
     train = prepared["train"]
@@ -313,7 +323,8 @@ def main() -> None:
     if not train:
         raise InputError(f"{states_path}: no state has an advantage gap >= {cfg.min_gap}: nothing to train on")
 
-    # 4. log pi_ref with the policy itself, before its first update: no second model in memory.
+    # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes
+    # its share on its own, whole copy, so no rank waits for another): no second model in memory.
     model = load_causal_lm(cfg.policy, ddp.device)
     if "ref_logp" not in train[0]:
         model.eval()
@@ -327,27 +338,25 @@ def main() -> None:
 
     # 5. Train the actor on eq. 12.
     schedule = [b for epoch in range(cfg.epochs)
-                for b in global_batches(sizes, cfg.global_batch_actions, ddp.world_size, cfg.seed + epoch)]
+                for b in global_batches(sizes, cfg.global_batch_actions, cfg.seed + epoch)]
     total = len(schedule)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
-    ckpt = load_checkpoint(ckpt_path)
-    start, log = 0, []
-    run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                                          if k not in ("log_every", "checkpoint_every", "stop_after")}}
-    if ckpt is not None and ckpt["run_id"] == run_id:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, log = ckpt["step"], ckpt["log"]
-        if ddp.is_main:
-            print(f"resuming from {ckpt_path} at step {start} of {total}")
-    elif ckpt is not None and ddp.is_main:
-        print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
-    del ckpt
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
-    actor = DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if dist.is_initialized() else model
+    actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    ckpt_path = os.path.join(work_dir, "checkpoint")
+    meta = training_meta(ckpt_path)
+    start, log = 0, []
+    run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                                          if k not in ("log_every", "checkpoint_every", "stop_after")}}
+    if meta is not None and meta["run_id"] == run_id:
+        load_training_state(ckpt_path, model, optimizer)
+        start, log = meta["step"], meta["log"]
+        if ddp.is_main:
+            print(f"resuming from {ckpt_path} at step {start} of {total}")
+    elif meta is not None and ddp.is_main:
+        print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
     if ddp.is_main:
         print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
 
@@ -358,37 +367,42 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_actions = sum(sizes[i] for i in schedule[step])
-        micro = pack(schedule[step][ddp.rank::ddp.world_size], sizes, cfg.micro_batch_actions)
+        micro = rank_micro_batches(schedule[step], sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
         sums = torch.zeros(10, dtype=torch.float64)
         for j, group_states in enumerate(micro):
-            batch = [train[i] for i in group_states]
+            # An empty micro-batch (this rank has run out of states) computes on the step's first state and
+            # counts zero: its passes only keep this rank in step with the others' collectives.
+            batch = [train[i] for i in group_states or schedule[step][:1]]
             advantages = torch.tensor([a for s in batch for a in s["advantages"]], device=ddp.device)  # [n]
             ref_logp = torch.tensor([r for s in batch for r in s["ref_logp"]], device=ddp.device)  # [n]
-            # DDP all-reduces gradients in the backward pass; only the last micro-step needs it.
-            last = j == len(micro) - 1
-            with actor.no_sync() if actor is not model and not last else contextlib.nullcontext():
-                with autocast(ddp.device):
-                    logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
-                # The mean of eq. 12 over all actions of the step (all ranks): DDP averages over ranks, hence * world.
-                weight = len(advantages) / step_actions * ddp.world_size
-                (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
-            sums += step_metrics(logp.detach().double().cpu() - ref_logp.double().cpu(),
-                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
+            with autocast(ddp.device):
+                logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
+            # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks,
+            # hence * world.
+            weight = len(advantages) / step_actions * ddp.world_size if group_states else 0.0
+            (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
+            if group_states:
+                sums += step_metrics(logp.detach().double().cpu() - ref_logp.double().cpu(),
+                                     advantages.double().cpu() / cfg.beta, advantages.double().cpu())
+        grad_norm = clip_gradients(model, cfg.grad_clip)
         optimizer.step()
+        if step == start:  # parameters, gradients and AdamW state all exist now
+            shards = held_per_rank(model, optimizer)
+            if ddp.is_main:
+                tqdm.write(shards)
         optimizer.zero_grad(set_to_none=True)
 
         metrics = {"step": step + 1, "lr": lr, **summarize([all_ranks_sum(v) for v in sums.tolist()]),
-                   "grad_norm": grad_norm.item(), "seconds": round(time.time() - t0, 2)}
+                   "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
         log.append(metrics)
         stop = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < total
         if ddp.is_main:
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}", moved=f"{metrics['moved']:.2f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-            if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total):
-                save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            "step": step + 1, "log": log, "run_id": run_id})
+        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total):
+            save_training_state(ckpt_path, model, optimizer, {"step": step + 1, "log": log, "run_id": run_id})
         if stop:
             if ddp.is_main:
                 print(f"stopped after step {step + 1} as asked; rerun the same command to resume")
@@ -396,12 +410,14 @@ def main() -> None:
             return
     bar.close()
 
-    # 6. The actor as a Hugging Face model directory, complete before it appears under out_dir.
+    # 6. The actor as a Hugging Face model directory, complete before it appears under out_dir. A sharded
+    # actor's full weights are gathered onto rank 0's CPU first: the directory loads without FSDP.
+    state = full_state_dict(model) if cfg.fsdp else None
     if ddp.is_main:
         tmp = cfg.out_dir.rstrip("/") + ".tmp"
         if os.path.exists(tmp):  # left by a run killed while saving
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "train_log.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(m) + "\n" for m in log)
@@ -411,7 +427,7 @@ def main() -> None:
             "config": dataclasses.asdict(cfg)})
         finalize_dir(tmp, cfg.out_dir)
         if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+            shutil.rmtree(ckpt_path)
         print(f"wrote the actor to {cfg.out_dir} ({total} steps, {time.time() - t0:.0f}s)")
     cleanup_distributed()
 

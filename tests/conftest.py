@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny toy task and a tiny rollout, built once per test session (a few seconds)."""
+"""Shared fixtures (a tiny toy task and a tiny rollout, built once per test session) and helpers."""
 import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,21 @@ def toy_rollout(toy_dir, tmp_path_factory):
                "--out_dir", str(out), "--max_questions", "12", "--n1", "4", "--n_keep", "2", "--M", "4",
                "--max_new_tokens", "40", "--questions_per_chunk", "6")
     return out
+
+
+def held_per_rank(stdout: str) -> tuple[int, list[tuple[int, int, int]]]:
+    """(parameters of the model, [(parameter, gradient, optimizer-state values) held by each rank]), read from the
+    'held per rank' line that critic.py and dapo.py print after their first optimizer step."""
+    line = next(line for line in stdout.splitlines() if "held per rank" in line)
+    total = int(re.search(r"of ([\d,]+) parameters", line).group(1).replace(",", ""))
+    ranks = re.findall(r"rank \d+ ([\d,]+) / ([\d,]+) / ([\d,]+)", line)
+    return total, [tuple(int(x.replace(",", "")) for x in rank) for rank in ranks]
+
+
+def assert_sharded_in_two(stdout: str) -> None:
+    """Under FSDP with 2 ranks each holds about half of the parameters, of their gradients and of AdamW's state
+    (two moments per parameter); together exactly the whole model."""
+    total, ranks = held_per_rank(stdout)
+    assert len(ranks) == 2 and sum(p for p, _, _ in ranks) == total
+    for params, grads, state in ranks:
+        assert 0.45 * total <= params <= 0.55 * total and grads == params and state == 2 * params, (total, ranks)

@@ -1,5 +1,5 @@
-"""critic.py: one pass == per-prefix passes, training lowers the loss, DDP == one process, save/load,
-resume after a stop, warm start, held-out split by question, bad input."""
+"""critic.py: one pass == per-prefix passes, training lowers the loss, DDP == one process, FSDP == one process
+(sharded in two, resumable), save/load, resume after a stop, warm start, held-out split by question, bad input."""
 import json
 import os
 import re
@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import critic as C
-from common import InputError, load_tokenizer
-from conftest import run_script
+from common import InputError, load_tokenizer, training_meta
+from conftest import assert_sharded_in_two, run_script
 
 # 4 steps (2 per epoch) of 8 solutions in micro-batches of 2: 4 micro-steps in one process, 2 per rank in two.
 TRAIN = ["--batch_size", "8", "--micro_batch_size", "2", "--epochs", "2", "--lr", "3e-3", "--warmup_fraction", "0",
          "--heldout_fraction", "0.2", "--log_every", "1"]
+FSDP = ["--fsdp", "true", "--gradient_checkpointing", "true"]  # activation checkpointing recomputes the same numbers
 
 
 def train_args(toy_dir, toy_rollout, out_dir, *extra):
@@ -133,6 +134,42 @@ def test_ddp_two_processes_match_one(toy_dir, toy_rollout, reference_critic, tmp
     assert_same_params(ddp, ref, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def fsdp_critic(toy_dir, toy_rollout, tmp_path_factory):
+    """TRAIN sharded over 2 ranks (gloo on the CPU)."""
+    out = tmp_path_factory.mktemp("critic") / "fsdp"
+    proc = run_script("torchrun", "--nproc_per_node=2", *train_args(toy_dir, toy_rollout, out, *FSDP))
+    return out, proc
+
+
+def test_fsdp_two_ranks_match_one_process(reference_critic, fsdp_critic):
+    out, proc = fsdp_critic
+    assert "2 rank(s)" in proc.stdout and proc.stdout.count("step 4/4") == 1
+    assert_sharded_in_two(proc.stdout)
+    # 4 steps of 2 micro-batches per rank, clipped (grad norm 1-2.4 > --grad_clip 1): the saved critic, full weights
+    # loaded in one process without FSDP, is the one-process critic.
+    assert_same_params(params(out), params(reference_critic), atol=1e-4)
+    one, two = (json.load(open(d / "metrics.json")) for d in (reference_critic, out))
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)
+    for key in ("mse", "pearson_r"):
+        assert two["heldout"][key] == pytest.approx(one["heldout"][key], rel=1e-3, abs=1e-5), key
+    assert json.load(open(out / "config.json"))["architectures"] == ["LlamaModel"]  # not FSDPLlamaModel
+
+
+def test_fsdp_resume_after_a_stop_continues_from_the_sharded_checkpoint(toy_dir, toy_rollout, fsdp_critic, tmp_path):
+    out = tmp_path / "critic"
+    ckpt = str(out) + ".ckpt"
+    run_script("torchrun", "--nproc_per_node=2", *train_args(toy_dir, toy_rollout, out, *FSDP, "--stop_after", "2"))
+    assert not out.exists() and training_meta(ckpt)["step"] == 2
+    shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
+    sizes = [os.path.getsize(os.path.join(ckpt, f)) for f in shards]
+    assert len(shards) == 2 and max(sizes) < 0.6 * sum(sizes)  # each rank wrote its own half: none gathered the model
+    proc = run_script("torchrun", "--nproc_per_node=2", *train_args(toy_dir, toy_rollout, out, *FSDP))
+    assert "resuming from step 2" in proc.stdout and "step 3/4" in proc.stdout and "step 1/4" not in proc.stdout
+    assert_same_params(params(out), params(fsdp_critic[0]), atol=1e-6)
+    assert not os.path.exists(ckpt)
+
+
 def test_metrics_written(reference_critic, solutions):
     m = json.load(open(reference_critic / "metrics.json"))
     held = m["heldout"]
@@ -149,7 +186,7 @@ def test_resume_after_a_stop_continues_from_the_checkpoint(toy_dir, toy_rollout,
     out = tmp_path / "critic"
     ckpt = str(out) + ".ckpt"
     run_script(*train_args(toy_dir, toy_rollout, out, "--stop_after", "2"))
-    assert not out.exists() and torch.load(ckpt, weights_only=False)["step"] == 2  # only the checkpoint is left
+    assert not out.exists() and training_meta(ckpt)["step"] == 2  # only the checkpoint is left
     changed = run_script(*train_args(toy_dir, toy_rollout, out, "--lr", "1e-3"), check=False)  # a different run
     assert changed.returncode == 2 and "other settings" in changed.stderr
     proc = run_script(*train_args(toy_dir, toy_rollout, out))

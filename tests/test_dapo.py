@@ -1,5 +1,6 @@
 """dapo.py: the advantage (eq. 13), the loss (eq. 12) and its gradient, the training set, batching, bad input,
-and actor training end to end on the toy task with the real critic (one process, two DDP processes, resume)."""
+and actor training end to end on the toy task with the real critic (one process, two DDP processes, two FSDP
+ranks, resume)."""
 import json
 import os
 import re
@@ -10,13 +11,17 @@ import torch
 
 import critic as critic_lib
 import dapo
-from common import InputError, load_causal_lm, load_checkpoint, load_tokenizer
-from conftest import run_script
+from common import InputError, load_causal_lm, load_checkpoint, load_tokenizer, training_meta
+from conftest import assert_sharded_in_two, run_script
 from rollout import generate
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads that fight over shared cores
-TRAIN_FLAGS = ["--beta", "0.1", "--lr", "3e-4", "--epochs", "1", "--global_batch_actions", "48",
-               "--micro_batch_actions", "16", "--min_gap", "0.1", "--log_every", "1"]
+# The toy rollout keeps 38 states of 4 actions: batches of 148 actions are 37 states and then 1, so on two ranks
+# the last batch of each epoch leaves one rank without a state, and micro-batches of 8 (2 states) leave the ranks
+# with different numbers of micro-batches in the others.
+TRAIN_FLAGS = ["--beta", "0.1", "--lr", "3e-4", "--epochs", "2", "--global_batch_actions", "148",
+               "--micro_batch_actions", "8", "--min_gap", "0.1", "--log_every", "1"]
+FSDP = ["--fsdp", "true", "--gradient_checkpointing", "true"]  # activation checkpointing recomputes the same numbers
 
 
 # ============================================================================= the objective
@@ -104,16 +109,16 @@ def test_copies_of_a_candidate_share_one_advantage_whatever_their_order():
         assert advantage == pytest.approx({(2,): 0.5 - 0.375, (3,): -0.375, (4,): 0.125})  # mean Q = 0.375
 
 
-def test_batches_hold_whole_states_and_feed_every_rank():
+def test_batches_hold_whole_states_and_every_rank_runs_as_many_micro_batches():
     sizes = [3, 5, 2, 4, 1, 6, 2]
     assert dapo.pack([0, 1, 2, 3], sizes, 8) == [[0, 1], [2, 3]]
     assert dapo.pack([5, 1], sizes, 4) == [[5], [1]]  # a state larger than the limit goes alone
-    batches = dapo.global_batches(sizes, 8, world_size=2, seed=0)
+    batches = dapo.global_batches(sizes, 8, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(7))  # every state once per epoch
-    assert all(len(b) >= 2 for b in batches)
-    assert batches != dapo.global_batches(sizes, 8, world_size=2, seed=1)  # shuffled per epoch
-    with pytest.raises(InputError):
-        dapo.global_batches([3], 8, world_size=2, seed=0)
+    assert batches != dapo.global_batches(sizes, 8, seed=1)  # shuffled per epoch
+    # Ranks split a batch state by state; the one with fewer micro-batches, or no state, fills up with empty ones.
+    assert [dapo.rank_micro_batches([0, 1, 2], sizes, 4, r, 2) for r in range(2)] == [[[0], [2]], [[1], []]]
+    assert [dapo.rank_micro_batches([3], sizes, 4, r, 2) for r in range(2)] == [[[3]], [[]]]
 
 
 @pytest.mark.parametrize("line, message", [
@@ -235,32 +240,77 @@ def test_training_raises_positive_advantage_actions_over_negative(actor, toy_dir
     assert sum(up) / len(up) - sum(down) / len(down) > 0.2
 
 
-def test_two_ddp_processes_equal_one(actor, toy_dir, toy_rollout, toy_critic, tmp_path):
-    out, _ = actor
-    # Activation checkpointing recomputes the same numbers: it may ride along.
-    train(toy_dir, toy_rollout, toy_critic, tmp_path / "ddp", "--gradient_checkpointing", "true", torchrun=True)
-    one, two, init = params(out), params(tmp_path / "ddp"), params(toy_dir / "sft")
+def assert_same_training(one_dir, two_dir, init_dir):
+    """The same actor and the same metrics at every optimizer step (as many steps, at the same learning rates)."""
+    one, two, init = params(one_dir), params(two_dir), params(init_dir)
     assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-4  # lr 3e-4, a few steps
     for k in one:  # float sums in another order, through Adam: a small fraction of one step
         torch.testing.assert_close(two[k], one[k], atol=3e-5, rtol=0)
     # Adam hides the scale of the gradient; the logged gradient norm (before clipping) and loss do not.
-    log_one, log_two = (read_log(d) for d in (out, tmp_path / "ddp"))
+    log_one, log_two = read_log(one_dir), read_log(two_dir)
     assert len(log_one) == len(log_two) >= 2
     for a, b in zip(log_one, log_two):
-        for key in ("loss", "abs_log_ratio", "corr", "moved", "grad_norm"):
+        for key in ("lr", "loss", "abs_log_ratio", "corr", "moved", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+
+def test_schedule_premise(actor):
+    """The batches of TRAIN_FLAGS: per epoch one of 37 states, then one of a single state (fewer than 2 ranks)."""
+    out, _ = actor
+    sizes = [len(t["actions"]) for t in load_checkpoint(str(out) + ".work/prepared.pt")["train"]]
+    batches = dapo.global_batches(sizes, 148, seed=0)
+    assert [len(b) for b in batches] == [37, 1] and len(read_log(out)) == 4
+    micro = [dapo.rank_micro_batches(batches[0], sizes, 8, r, 2) for r in range(2)]
+    assert len(micro[0]) == len(micro[1]) and [] in micro[1]  # rank 1 pads with an empty micro-batch
+
+
+def test_two_ddp_processes_equal_one_even_when_a_batch_has_fewer_states_than_ranks(actor, toy_dir, toy_rollout,
+                                                                                    toy_critic, tmp_path):
+    out, _ = actor
+    train(toy_dir, toy_rollout, toy_critic, tmp_path / "ddp", "--gradient_checkpointing", "true", torchrun=True)
+    assert_same_training(out, tmp_path / "ddp", toy_dir / "sft")
+
+
+@pytest.fixture(scope="module")
+def fsdp_actor(toy_dir, toy_rollout, toy_critic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dapo") / "fsdp"
+    proc = train(toy_dir, toy_rollout, toy_critic, out, *FSDP, torchrun=True)
+    return out, proc
+
+
+def test_fsdp_two_ranks_equal_one_process(actor, fsdp_actor, toy_dir):
+    out, _ = actor
+    fsdp_out, proc = fsdp_actor
+    assert_sharded_in_two(proc.stdout)
+    assert_same_training(out, fsdp_out, toy_dir / "sft")  # the saved actor loads in one process, without FSDP
+    assert json.load(open(fsdp_out / "config.json"))["architectures"] == ["LlamaForCausalLM"]
 
 
 def test_resume_after_a_kill_gives_the_same_actor(actor, toy_dir, toy_rollout, toy_critic, tmp_path):
     out, _ = actor
     proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor", "--stop_after", "1")
     assert "stopped after step 1" in proc.stdout
-    assert not (tmp_path / "actor").exists() and (tmp_path / "actor.work" / "checkpoint.pt").exists()
+    assert not (tmp_path / "actor").exists() and training_meta(str(tmp_path / "actor.work" / "checkpoint"))["step"] == 1
     proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor")
     assert "reusing Q values" in proc.stdout and "resuming from" in proc.stdout
     one, resumed = params(out), params(tmp_path / "actor")
     for k in one:
         torch.testing.assert_close(resumed[k], one[k], atol=1e-6, rtol=0)
+
+
+def test_fsdp_resume_after_a_kill_gives_the_same_actor(fsdp_actor, toy_dir, toy_rollout, toy_critic, tmp_path):
+    proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor", *FSDP, "--stop_after", "1", torchrun=True)
+    assert "stopped after step 1" in proc.stdout
+    ckpt = tmp_path / "actor.work" / "checkpoint"
+    assert not (tmp_path / "actor").exists() and training_meta(str(ckpt))["step"] == 1
+    shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # one shard file per rank
+    proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor", *FSDP, torchrun=True)
+    assert "resuming from" in proc.stdout
+    one, resumed = params(fsdp_actor[0]), params(tmp_path / "actor")
+    for k in one:
+        torch.testing.assert_close(resumed[k], one[k], atol=1e-6, rtol=0)
+    assert not ckpt.exists()
 
 
 def test_bad_input_stops_with_one_line_and_writes_nothing(toy_dir, toy_rollout, toy_critic, tmp_path):
