@@ -197,23 +197,61 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_resume_settings(out_dir: str, cfg, is_main: bool, ignore: tuple[str, ...] = ()) -> None:
-    """Shards in out_dir are resumed only by a run with the settings that wrote them: a rerun with other flags
-    would otherwise mix two experiments in one output. The settings live in out_dir/settings.json; `ignore`
-    names those a resumed run may change (none alters a saved record). Call it before out_dir is touched."""
-    path = os.path.join(out_dir, "settings.json")
+def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ignore: tuple[str, ...], is_main: bool,
+                covers: Callable[[dict], bool] = lambda record: True) -> bool:
+    """The one rule of the four scripts for a run over earlier output; call it before anything is written.
+      - --overwrite true: out_dir, the settings file and the work paths are removed first; the run starts afresh.
+      - Finished output (`done`, the JSON file a run writes last, with its settings under "config"): made with
+        these settings, it is complete: say so and return True (the caller exits 0; nothing is redone or
+        rewritten). Made with other settings: stop, naming them.
+      - Unfinished work (the existing `work` paths: shards, a checkpoint), whose run recorded its settings in
+        `settings`: resumed only with the same settings, else stop, naming those that differ.
+    `ignore` names the settings a rerun may change (where output goes, speed, logging, how many questions): none
+    alters a saved result. `covers(done record)` says whether finished output holds all this command asks for
+    (more questions than it holds: resumed from the work, or refused when there is none)."""
+    if cfg.overwrite:
+        barrier()  # every rank has looked at the old output before rank 0 removes it
+        if is_main:
+            for path in [out_dir, settings, *work]:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        barrier()
     ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
-    if os.path.exists(path) and glob.glob(os.path.join(out_dir, "shard-*.jsonl")):
-        with open(path, encoding="utf-8") as f:
+    retry = "rerun with those settings, add --overwrite true to replace it, or use another --out_dir"
+    work = [p for p in work if os.path.exists(p)]
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            record = json.load(f)
+        theirs = record.get("config", {})
+        if _changed(ours, theirs):
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
+        if covers(record):
+            if is_main:
+                print(f"{out_dir}: complete, made with these settings; nothing to do (--overwrite true redoes it)")
+            return True
+        if not work:  # it would be replaced by a run that holds other questions
+            everything = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run over other questions "
+                             f"({_changed(everything, theirs)}); {retry}")
+    if work and os.path.exists(settings):
+        with open(settings, encoding="utf-8") as f:
             theirs = json.load(f)
-        changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
-        if changed:
-            raise InputError(f"{path}: {out_dir} holds unfinished work of a run with other settings ("
-                             + ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
-                             + "); rerun with those settings, or use another --out_dir")
+        if _changed(ours, theirs):
+            raise InputError(f"{settings}: {out_dir} holds unfinished work of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
     barrier()  # every rank has compared before rank 0 rewrites the file
     if is_main:
-        write_json_atomic(path, ours)
+        os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
+        write_json_atomic(settings, ours)
+    return False
+
+
+def _changed(ours: dict, theirs: dict) -> str:
+    """The settings that differ, as '--name old -> new, ...' ('' when none does)."""
+    return ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k])
 
 
 # ----------------------------------------------------------------------------- models

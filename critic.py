@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, enable_checkpointing,
-                    finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at, parse_config, read_jsonl,
-                    run, save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, cleanup_distributed,
+                    enable_checkpointing, finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at,
+                    parse_config, read_jsonl, run, save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -67,6 +67,13 @@ class Config:
     log_every: int = arg(10, "print a line of metrics every N optimizer steps")
     checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+    overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh")
+
+
+# Settings a rerun may change (where the output goes, speed, logging): none of them changes the critic trained.
+# Any other change is refused (common.check_rerun).
+RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "log_every",
+                  "checkpoint_every", "stop_after")
 
 
 # ============================================================================= the model
@@ -264,6 +271,11 @@ def main() -> None:
         raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch (--batch_size {cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
     accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+    ckpt_path, settings = cfg.out_dir.rstrip("/") + ".ckpt", cfg.out_dir.rstrip("/") + ".settings.json"
+    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "metrics.json"), settings, [ckpt_path], RESUME_IGNORES,
+                   ddp.is_main):
+        cleanup_distributed()
+        return
 
     # The critic: a warm start from the previous critic, or a fresh head on the backbone.
     source = cfg.init_critic or cfg.init
@@ -278,10 +290,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # Resume: a checkpoint of this run replaces the freshly built model and optimizer.
-    ckpt_path = cfg.out_dir.rstrip("/") + ".ckpt"
     step, loss, ckpt = 0, None, load_checkpoint(ckpt_path)
     if ckpt is not None:
-        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "checkpoint_every", "stop_after")}
+        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
         theirs = {k: ckpt["config"].get(k) for k in ours}
         if ours != theirs:
             changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
@@ -351,8 +362,9 @@ def main() -> None:
         write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), {
             "heldout": metrics, "train_solutions": len(train), "steps": total_steps, "final_train_loss": loss,
             "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
-        if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+        for path in (ckpt_path, settings):
+            if os.path.exists(path):
+                os.remove(path)
         print(f"critic saved to {cfg.out_dir}")
     cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved
 

@@ -57,8 +57,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, cleanup_distributed, enable_checkpointing, finalize_dir,
-                    load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
+from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, cleanup_distributed, enable_checkpointing,
+                    finalize_dir, load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
                     save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
 from critic import critic_values, load_critic
 
@@ -85,6 +85,14 @@ class Config:
     log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
     checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint.pt every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+    overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh; "
+                                 "the cached Q values and log pi_ref, keyed by their inputs, are kept")
+
+
+# Settings a rerun may change (where the output goes, speed, logging): none of them changes the actor trained.
+# Any other change is refused (common.check_rerun).
+RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
+                  "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
 
 
 # ============================================================================= the DAPO objective
@@ -293,6 +301,11 @@ def main() -> None:
         raise InputError(f"{states_path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
                          f"({len(tok)} tokens): was the rollout made with another policy?")
     work_dir = cfg.out_dir.rstrip("/") + ".work"
+    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
+    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "train_summary.json"),
+                   os.path.join(work_dir, "settings.json"), [ckpt_path], RESUME_IGNORES, ddp.is_main):
+        cleanup_distributed()
+        return
 
     # 1-3. Q values, advantages and the training set; cached together with step 4.
     cache_path = os.path.join(work_dir, "prepared.pt")
@@ -330,19 +343,21 @@ def main() -> None:
                 for b in global_batches(sizes, cfg.global_batch_actions, ddp.world_size, cfg.seed + epoch)]
     total = len(schedule)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    ckpt_path = os.path.join(work_dir, "checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path)
     start, log = 0, []
     run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                                          if k not in ("log_every", "checkpoint_every", "stop_after")}}
+                                                          if k not in RESUME_IGNORES}}
     if ckpt is not None and ckpt["run_id"] == run_id:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, log = ckpt["step"], ckpt["log"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {start} of {total}")
-    elif ckpt is not None and ddp.is_main:
-        print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
+    elif ckpt is not None and ddp.is_main:  # other settings were refused by check_rerun: other inputs or ranks
+        why = {"key": "other inputs (a file under --rollout_dir, --critic or --policy changed)",
+               "world_size": f"{ckpt['run_id'].get('world_size')} rank(s), not {ddp.world_size}"}
+        print(f"ignoring {ckpt_path}: it was made with " + "; ".join(
+            why.get(k, f"--{k} {ckpt['run_id'].get(k)!r}") for k in run_id if ckpt["run_id"].get(k) != run_id[k]))
     del ckpt
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)

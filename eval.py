@@ -28,9 +28,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (InputError, append_jsonl, arg, barrier, check_resume_settings, cleanup_distributed, load_causal_lm, load_tokenizer,
-                    parse_config, read_shard, read_shards, run, seed_everything, setup_distributed, write_json_atomic,
-                    write_jsonl_atomic)
+from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
+                    load_tokenizer, parse_config, read_shard, read_shards, run, seed_everything, setup_distributed,
+                    write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import RESUME_IGNORES, Generation, QuestionConfig, generate, load_questions
 
@@ -47,6 +47,7 @@ class Config(QuestionConfig):
     batch_size: int = arg(64, "sequences per generation batch")
     questions_per_chunk: int = arg(64, "questions generated and saved together per rank; a kill loses at most one chunk")
     seed: int = arg(0, "sampling seed (each rank and chunk offsets it): the same seed, ranks and chunks give the same numbers")
+    overwrite: bool = arg(False, "remove out_dir (finished or not) first and start afresh")
 
 
 def majority_answer(texts: list[str]) -> str | None:
@@ -112,8 +113,13 @@ def main() -> None:
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
+    done, settings = os.path.join(cfg.out_dir, "summary.json"), os.path.join(cfg.out_dir, "settings.json")
+    shards = glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl"))
+    if check_rerun(cfg, cfg.out_dir, done, settings, shards, RESUME_IGNORES, ddp.is_main,
+                   covers=lambda summary: summary["num_questions"] == len(questions)):
+        cleanup_distributed()
+        return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     seed_everything(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731

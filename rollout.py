@@ -21,6 +21,7 @@ same command after a kill resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import time
 
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, append_jsonl, arg, barrier, build_prompt_ids,
-                    check_resume_settings, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
+                    check_rerun, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
                     load_tokenizer, parse_config, read_jsonl, read_shard, read_shards, run, setup_distributed,
                     split_steps, write_json_atomic, write_jsonl_atomic)
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
@@ -63,11 +64,12 @@ class Config(QuestionConfig):
     batch_size: int = arg(256, "sequences per generation batch (256: the fastest in tests/benchmark_rollout.py)")
     questions_per_chunk: int = arg(16, "questions generated together (and saved together) per rank")
     seed: int = arg(0, "sampling seed (each rank offsets it)")
+    overwrite: bool = arg(False, "remove out_dir (finished or not) first and start afresh")
 
 
-# Settings a resumed run may change (where the output goes, how many questions, speed): none of them
-# changes a record already saved. Any other change is refused (common.check_resume_settings).
-RESUME_IGNORES = ("out_dir", "max_questions", "batch_size", "questions_per_chunk")
+# Settings a rerun may change (where the output goes, how many questions, speed): none of them changes a
+# record already saved. Any other change is refused (common.check_rerun).
+RESUME_IGNORES = ("out_dir", "overwrite", "max_questions", "batch_size", "questions_per_chunk")
 
 
 # ============================================================================= batched generation
@@ -346,8 +348,13 @@ def main() -> None:
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
+    done, settings = os.path.join(cfg.out_dir, "summary.json"), os.path.join(cfg.out_dir, "settings.json")
+    shards = glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl"))
+    if check_rerun(cfg, cfg.out_dir, done, settings, shards, RESUME_IGNORES, ddp.is_main,
+                   covers=lambda summary: summary["questions"] == len(questions)):
+        cleanup_distributed()
+        return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     is_delim = delimiter_token_mask(tok, cfg.delimiter)
 

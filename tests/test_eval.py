@@ -3,6 +3,7 @@ bad input; and the maj@k vote as a pure function."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,24 @@ def test_killed_run_resumes_with_the_numbers_of_an_uninterrupted_one(toy_dir, tm
     drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "config")}  # noqa: E731
     assert drop(summary) == drop(whole_summary)
     assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl", "summary.json"]
+
+
+def test_rerun_over_finished_output(toy_dir, one_process, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(one_process, out)
+    old = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    proc = run_eval(toy_dir, out)  # the same command: complete, nothing redone or rewritten
+    assert "complete" in proc.stdout and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    for extra, named in [(("--k", "2"), "--k 3 -> 2"), (("--max_questions", "3"), "--max_questions 7 -> 3")]:
+        proc = run_script("eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"),
+                          "--out_dir", str(out), "--max_questions", str(N), "--k", str(K),
+                          "--max_new_tokens", str(MAX_NEW_TOKENS), *extra, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--overwrite true" in lines[0], lines
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    run_eval(toy_dir, out, "--k", "0", "--overwrite", "true")  # redone from scratch with the new settings
+    records, summary = outputs(out)
+    assert summary["k"] == 0 and all(r["sampled_responses"] == [] for r in records)
 
 
 @pytest.mark.parametrize("case", ["malformed", "missing_field", "no_model"])
