@@ -26,8 +26,8 @@ takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_ac
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
 train_summary.json with the data kept, the last step's metrics and the config) appears only when training
 has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
-(reused by a rerun on the same inputs, e.g. with another beta or lr) and the resumable checkpoint: rerunning
-the same command after a kill resumes from it.
+(reused by a rerun on the same inputs, e.g. with another beta or lr and --overwrite true) and the resumable
+checkpoint: rerunning the same command after a kill resumes from it; over a finished actor it does nothing.
 
 Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
 pi_ref and the generator, and warm-starts the critic from the critic of iteration i (demo.sh runs this loop):
