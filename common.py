@@ -254,6 +254,21 @@ def _changed(ours: dict, theirs: dict) -> str:
     return ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k])
 
 
+def warn_useless_data(labels: list[float] = (), cut: int = 0, responses: int = 0, after: str = "") -> bool:
+    """One warning line (stderr) when the data cannot teach anything: every MC label is the same (the critic can
+    only learn a constant, and DAPO's advantages are then the critic's errors), or most responses were cut by the
+    token limit (they count as wrong). `after` says what follows from it for the script. True when it warned."""
+    reasons = []
+    if labels and len(set(labels)) == 1:
+        reasons.append(f"every MC label is {labels[0]:g} ({len(labels)} states){after}")
+    if responses and cut > responses / 2:
+        reasons.append(f"{cut} of {responses} responses were cut by the token limit (they count as wrong): "
+                       "raise --max_new_tokens")
+    if reasons:
+        print("warning: " + "; ".join(reasons), file=sys.stderr, flush=True)
+    return bool(reasons)
+
+
 # ----------------------------------------------------------------------------- models
 def check_model_path(path: str, what: str = "model") -> None:
     """A local directory (or GGUF file) must exist; a hub-style name ("org/name") is left to transformers."""

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, cleanup_distributed,
                     enable_checkpointing, finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at,
-                    parse_config, read_jsonl, run, save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+                    parse_config, read_jsonl, run, save_checkpoint, seed_everything, setup_distributed,
+                    warn_useless_data, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -302,6 +303,8 @@ def main() -> None:
         step, loss = ckpt["step"], ckpt["train_loss"]
     model = DDP(critic, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None) if ddp.world_size > 1 else critic
     if ddp.is_main:
+        warn_useless_data([v for s in train for v in s["mc_values"]],
+                                 after=": the critic can only learn a constant (see the rollout's summary.json)")
         print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states), "
               f"{len(heldout)} held out | {total_steps} steps of {cfg.batch_size} solutions = {accum} micro-batch(es) "
               f"of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}"

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, cleanup_distributed, enable_checkpointing,
                     finalize_dir, load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
-                    save_checkpoint, seed_everything, setup_distributed, write_json_atomic)
+                    save_checkpoint, seed_everything, setup_distributed, warn_useless_data, write_json_atomic)
 from critic import critic_values, load_critic
 
 
@@ -324,6 +324,9 @@ def main() -> None:
               f"unique candidates of {sum(len(s['actions']) for s in states)}")
     if not train:
         raise InputError(f"{states_path}: no state has an advantage gap >= {cfg.min_gap}: nothing to train on")
+    if ddp.is_main:
+        warn_useless_data([s["mc_value"] for s in states if "mc_value" in s],
+                                 after=": the advantages only reflect the critic's errors, nothing to learn")
 
     # 4. log pi_ref with the policy itself, before its first update: no second model in memory.
     model = load_causal_lm(cfg.policy, ddp.device)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
                     load_tokenizer, parse_config, read_shard, read_shards, run, seed_everything, setup_distributed,
-                    write_json_atomic, write_jsonl_atomic)
+                    warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import RESUME_IGNORES, Generation, QuestionConfig, generate, load_questions
 
@@ -80,18 +80,22 @@ def grade_question(q: dict, greedy: Generation, samples: list[Generation], decod
     maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"]) if vote else None  # cut: no vote
     return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
             "greedy_response": greedy_text, "greedy_finish": greedy.finish, "greedy_correct": greedy_correct,
-            "sampled_responses": texts, "sampled_correct": correct, "maj_answer": maj,
+            "sampled_responses": texts, "sampled_finish": [s.finish for s in samples], "sampled_correct": correct,
+            "maj_answer": maj,
             "maj_correct": (maj is not None and answers_match(maj, reference_answer(q["answer"]))) if vote else None}
 
 
 def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float) -> dict:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sampled = cfg.k > 0
+    sampled_cut = [f == "length" for r in records for f in r.get("sampled_finish", [])]
     return {"model": cfg.model, "data": cfg.data, "num_questions": len(records),
             "greedy_acc": mean([r["greedy_correct"] for r in records]),
             "sampled_acc": mean([mean(r["sampled_correct"]) for r in records]) if sampled else None,
             "pass@k": mean([any(r["sampled_correct"]) for r in records]) if sampled else None,
             "maj@k": mean([r["maj_correct"] for r in records]) if sampled and cfg.task == "math" else None,
+            "greedy_cut": mean([r["greedy_finish"] == "length" for r in records]),  # cut by the token limit
+            "sampled_cut": sum(sampled_cut) / max(1, len(sampled_cut)) if sampled else None,
             "task": cfg.task, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
             "seed": cfg.seed, "world_size": world_size, "seconds": round(seconds, 2), "config": dataclasses.asdict(cfg)}
 
@@ -104,6 +108,8 @@ def print_table(s: dict) -> None:
     print(f"{s['model']} on {s['data']}: {s['num_questions']} questions, {s['seconds']:.0f}s")
     for name, value in rows:
         print(f"  {name:<28} {value:6.3f}")
+    cut = f"{s['greedy_cut']:.3f} greedy" + (f", {s['sampled_cut']:.3f} sampled" if s["k"] else "")
+    print(f"  {'cut by the token limit':<28} {cut}")
 
 
 def main() -> None:
@@ -161,6 +167,9 @@ def main() -> None:
         for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) + [os.path.join(cfg.out_dir, "settings.json")]:
             os.remove(path)
         print_table(summary)
+        greedy_cut = sum(r["greedy_finish"] == "length" for r in merged)
+        sampled_cut = sum(f == "length" for r in merged for f in r.get("sampled_finish", []))
+        warn_useless_data(cut=greedy_cut + sampled_cut, responses=len(merged) * (1 + cfg.k))
     cleanup_distributed()
 
 

@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicLayer
 from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, append_jsonl, arg, barrier, build_prompt_ids,
                     check_rerun, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
                     load_tokenizer, parse_config, read_jsonl, read_shard, read_shards, run, setup_distributed,
-                    split_steps, write_json_atomic, write_jsonl_atomic)
+                    split_steps, warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
 
 
@@ -250,7 +250,9 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     for qi in range(len(questions)):
         mine = samples[qi * cfg.n1: (qi + 1) * cfg.n1]
         graded = [(s.ids, ok) for s, ok in zip(mine, rewards[qi * cfg.n1: (qi + 1) * cfg.n1])]
-        records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine)})
+        records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine),
+                        "responses": len(mine), "cut": sum(s.finish == "length" for s in mine),
+                        "correct_samples": sum(ok for _, ok in graded)})
 
     # 2. States: every step prefix s_0..s_{T-1} of every kept solution (s_0, shared by all, only once).
     states = []  # (question index, response ids so far, step index t)
@@ -289,6 +291,8 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
                             "reward": float(ok) if terminal else None})
         value = mc_value(correct)
         records[qi]["tokens"] += sum(len(c.ids) for c in comps)
+        records[qi]["responses"] += len(comps)
+        records[qi]["cut"] += sum(c.finish == "length" for c in comps)
         label_of[qi][tuple(prefix)] = value
         state_records[qi].append({
             "qid": q["qid"], "t": t, "prompt_len": len(q["prompt_ids"]), "state_ids": q["prompt_ids"] + prefix,
@@ -304,7 +308,8 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
             solutions.append({"qid": q["qid"], "prompt_len": len(q["prompt_ids"]), "ids": q["prompt_ids"] + ids,
                               "text": decode(ids), "correct": ok, "step_ends": ends,
                               "mc_values": [label_of[qi][p] for p in prefixes]})
-        out.append({"qid": q["qid"], "states": state_records[qi], "solutions": solutions, "tokens": rec["tokens"]})
+        out.append({"qid": q["qid"], "states": state_records[qi], "solutions": solutions, "tokens": rec["tokens"],
+                    "responses": rec["responses"], "cut": rec["cut"], "correct_samples": rec["correct_samples"]})
     return out
 
 
@@ -392,12 +397,23 @@ def main() -> None:
                    "kept_solutions": sum(len(r["solutions"]) for r in merged),
                    "kept_correct": sum(s["correct"] for r in merged for s in r["solutions"]),
                    "tokens_generated": sum(r["tokens"] for r in merged),
+                   # what says whether the data can teach anything (shards of older runs lack the counts)
+                   "responses": sum(r.get("responses", 0) for r in merged),
+                   "cut_by_token_limit": sum(r.get("cut", 0) for r in merged),
+                   "questions_without_correct_sample": sum(r.get("correct_samples", 1) == 0 for r in merged),
+                   "states_labelled_0": sum(s["mc_value"] == 0 for s in states),
+                   "states_labelled_1": sum(s["mc_value"] == 1 for s in states),
                    "tokens_this_run": tokens, "seconds_this_run": round(elapsed, 2),
                    "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1), "config": dataclasses.asdict(cfg)}
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
         print(f"questions {summary['questions']} | states {summary['states']} | mean MC label "
               f"{summary['mean_mc_value']:.3f} | tokens generated {summary['tokens_generated']} | "
               f"{summary['tokens_per_second']} tokens/s (this run, all ranks)")
+        print(f"responses cut by the token limit {summary['cut_by_token_limit']} of {summary['responses']} | questions "
+              f"with no correct sample {summary['questions_without_correct_sample']} of {summary['questions']} | "
+              f"states labelled 0 / 1: {summary['states_labelled_0']} / {summary['states_labelled_1']}")
+        warn_useless_data([s["mc_value"] for s in states], summary["cut_by_token_limit"], summary["responses"],
+                                 after=": the critic can only learn a constant")
     cleanup_distributed()
 
 

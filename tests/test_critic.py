@@ -138,6 +138,16 @@ def test_rerun_over_finished_output(toy_dir, toy_rollout, reference_critic, tmp_
     assert sorted(os.listdir(tmp_path)) == ["critic"]  # no checkpoint or settings file left beside it
 
 
+def test_labels_that_teach_nothing_are_reported(toy_dir, toy_rollout, tmp_path):
+    (tmp_path / "rollout").mkdir()
+    with open(tmp_path / "rollout" / "solutions.jsonl", "w") as f:
+        for line in open(toy_rollout / "solutions.jsonl"):
+            record = json.loads(line)
+            f.write(json.dumps({**record, "mc_values": [0.0] * len(record["mc_values"])}) + "\n")
+    proc = run_script(*train_args(toy_dir, tmp_path / "rollout", tmp_path / "critic", "--stop_after", "1"))
+    assert "warning: every MC label is 0" in proc.stderr and "constant" in proc.stderr
+
+
 def test_warm_start_loads_the_previous_critic(toy_dir, toy_rollout, reference_critic, tmp_path):
     out = tmp_path / "warm"
     run_script(*train_args(toy_dir, toy_rollout, out, "--init_critic", str(reference_critic), "--lr", "0"))

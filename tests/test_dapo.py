@@ -266,6 +266,15 @@ def test_rerun_over_finished_or_unfinished_output(actor, toy_dir, toy_rollout, t
     assert proc.returncode == 2 and len(lines) == 1 and "unfinished" in lines[0] and "--beta 0.2 -> 0.1" in lines[0]
 
 
+def test_labels_that_teach_nothing_are_reported(toy_dir, toy_rollout, toy_critic, tmp_path):
+    (tmp_path / "rollout").mkdir()
+    with open(tmp_path / "rollout" / "states.jsonl", "w") as f:
+        for line in open(toy_rollout / "states.jsonl"):
+            f.write(json.dumps({**json.loads(line), "mc_value": 0.0}) + "\n")
+    proc = train(toy_dir, tmp_path / "rollout", toy_critic, tmp_path / "actor", "--stop_after", "1", "--min_gap", "0")
+    assert "warning: every MC label is 0" in proc.stderr and "critic's errors" in proc.stderr
+
+
 def test_bad_input_stops_with_one_line_and_writes_nothing(toy_dir, toy_rollout, toy_critic, tmp_path):
     bad = tmp_path / "rollout"
     bad.mkdir()

@@ -71,6 +71,9 @@ def test_summary_has_every_field_and_agrees_with_the_responses(one_process):
     assert summary["pass@k"] == pytest.approx(sum(any(r["sampled_correct"]) for r in records) / N)
     assert summary["maj@k"] == pytest.approx(sum(r["maj_correct"] for r in records) / N)
     assert summary["pass@k"] >= summary["sampled_acc"]
+    assert summary["greedy_cut"] == pytest.approx(sum(r["greedy_finish"] == "length" for r in records) / N)
+    sampled_cut = sum(f == "length" for r in records for f in r["sampled_finish"])
+    assert summary["sampled_cut"] == pytest.approx(sampled_cut / (N * K))
     assert sorted(p.name for p in one_process.iterdir()) == ["responses.jsonl", "summary.json"]  # no parts, no .tmp
 
 
@@ -130,6 +133,14 @@ def test_killed_run_resumes_with_the_numbers_of_an_uninterrupted_one(toy_dir, tm
     drop = lambda s: {k: v for k, v in s.items() if k not in ("seconds", "config")}  # noqa: E731
     assert drop(summary) == drop(whole_summary)
     assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl", "summary.json"]
+
+
+def test_responses_cut_by_the_token_limit_are_reported(toy_dir, tmp_path):
+    proc = run_eval(toy_dir, tmp_path, "--max_new_tokens", "3", "--max_questions", "2", "--k", "1")
+    _, summary = outputs(tmp_path)
+    assert summary["greedy_cut"] == summary["sampled_cut"] == 1.0
+    assert "cut by the token limit       1.000 greedy, 1.000 sampled" in proc.stdout
+    assert "warning: 4 of 4 responses were cut by the token limit" in proc.stderr and "--max_new_tokens" in proc.stderr
 
 
 def test_rerun_over_finished_output(toy_dir, one_process, tmp_path):

@@ -384,6 +384,24 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
     assert math.isclose(summary["mean_mc_value"], sum(s["mc_value"] for s in states) / len(states))
     assert summary["tokens_generated"] > 0 and summary["tokens_per_second"] > 0 and summary["config"]["M"] == M
     assert summary["tokens_generated"] >= sum(len(sol["ids"]) - sol["prompt_len"] for sol in solutions)
+    # what says whether the data can teach anything
+    assert summary["responses"] == 12 * 4 + M * len(states) and 0 <= summary["cut_by_token_limit"] < summary["responses"]
+    assert summary["states_labelled_0"] == sum(s["mc_value"] == 0 for s in states)
+    assert summary["states_labelled_1"] == sum(s["mc_value"] == 1 for s in states)
+    assert 0 <= summary["questions_without_correct_sample"] < 12
+
+
+def test_data_that_teach_nothing_are_reported(toy_dir, tmp_path):
+    # 3 tokens cannot hold a toy solution: every response is cut, every label 0, and the run says so.
+    proc = run_script("rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
+                      "--out_dir", str(tmp_path), "--max_questions", "2", "--n1", "2", "--n_keep", "2", "--M", "2",
+                      "--max_new_tokens", "3")
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["cut_by_token_limit"] == summary["responses"] > 0
+    assert summary["questions_without_correct_sample"] == 2 and summary["states_labelled_0"] == summary["states"]
+    assert f"responses cut by the token limit {summary['responses']} of {summary['responses']}" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "every MC label is 0" in warnings[0] and "--max_new_tokens" in warnings[0]
 
 
 def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
