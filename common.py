@@ -37,7 +37,9 @@ def arg(default: Any, help: str) -> Any:
 
 def parse_config(cls: type, argv: list[str] | None = None):
     """Build an argparse CLI from a config dataclass: every field becomes --name."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    description = " ".join(doc.strip().split("\n\n")[0].split()).replace("%", "%%")  # its first paragraph, whole
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # annotations are strings
@@ -73,6 +75,17 @@ def run(main: Callable[[], Any]) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- progress bars
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal. When stderr goes to a file there is none (the scripts print their own lines of
+    progress and results): a redrawn or stacked bar leaves carriage returns and cursor moves in a log."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -129,9 +142,10 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- JSONL
-def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False) -> list[dict]:
+def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False,
+               flags: dict[str, str] | None = None) -> list[dict]:
     """Read and validate every line before anything is computed, so bad input fails fast and
-    names the file and line."""
+    names the file and line. `flags` maps a required field to the flag that names it, for the message."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     records = []
@@ -147,7 +161,8 @@ def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = Fals
                 raise InputError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
             missing = [k for k in required if k not in record]
             if missing:
-                raise InputError(f"{path} line {line_no}: missing field(s) {', '.join(missing)}")
+                raise InputError(f"{path} line {line_no}: missing field(s) " + ", ".join(
+                    f"{k!r} (or name yours with {flags[k]})" if flags and k in flags else k for k in missing))
             record["_line"] = line_no
             records.append(record)
     if not records and not allow_empty:
@@ -274,7 +289,8 @@ def check_model_path(path: str, what: str = "model") -> None:
     """A local directory (or GGUF file) must exist; a hub-style name ("org/name") is left to transformers."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/"
     if looks_local and not os.path.exists(path):
-        raise InputError(f"{path}: {what} path does not exist")
+        kind = "GGUF model file" if path.endswith(".gguf") else f"{what} path"
+        raise InputError(f"{path}: {kind} does not exist")
 
 
 def gguf_source(path: str) -> tuple[str, dict]:
@@ -320,6 +336,7 @@ def materialize_gguf(gguf_path: str, out_dir: str) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     finalize_dir(tmp, out_dir)
+    print(f"wrote {gguf_path} as a Hugging Face model directory (float32): {out_dir}")
 
 
 def load_tokenizer(path: str):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, cleanup_distributed,
                     enable_checkpointing, finalize_dir, load_checkpoint, load_pretrained, load_tokenizer, lr_at,
-                    parse_config, read_jsonl, run, save_checkpoint, seed_everything, setup_distributed,
+                    parse_config, progress, read_jsonl, run, save_checkpoint, seed_everything, setup_distributed,
                     warn_useless_data, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
@@ -50,7 +50,8 @@ HEAD_FILE = "value_head.pt"
 @dataclasses.dataclass
 class Config:
     rollout_dir: str = arg("runs/toy/rollout", "rollout.py output directory (its solutions.jsonl is the training data)")
-    init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory or hub name (the policy by default)")
+    init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
+                                    "(the policy by default)")
     init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); --init is then unused")
     out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
@@ -313,7 +314,7 @@ def main() -> None:
     # 3-4. One forward pass per solution gives V at every step boundary; the loss is the mean over the
     # global batch's states.
     t0 = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
+    bar = progress(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), cfg.seed, epoch)

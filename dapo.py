@@ -58,14 +58,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, cleanup_distributed, enable_checkpointing,
-                    finalize_dir, load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, read_jsonl, run,
-                    save_checkpoint, seed_everything, setup_distributed, warn_useless_data, write_json_atomic)
+                    finalize_dir, load_causal_lm, load_checkpoint, load_tokenizer, lr_at, parse_config, progress,
+                    read_jsonl, run, save_checkpoint, seed_everything, setup_distributed, warn_useless_data,
+                    write_json_atomic)
 from critic import critic_values, load_critic
 
 
 @dataclasses.dataclass
 class Config:
-    policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it")
+    policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
+                                      "(HF directory, hub name or .gguf file)")
     critic: str = arg("runs/toy/iter1/critic", "the critic directory written by critic.py")
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its states.jsonl)")
     out_dir: str = arg("runs/toy/iter1/actor", "where the trained actor goes (a Hugging Face model directory)")
@@ -227,7 +229,7 @@ def reference_logps(model, pairs: list[tuple[list[int], list[int]]], batch_size:
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [0.0] * len(pairs)
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None):
+    for start in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None):
         batch = order[start: start + batch_size]
         with autocast(device):
             logp = action_logps(model, [pairs[i][0] for i in batch], [pairs[i][1] for i in batch], pad_id)  # [B]
@@ -370,7 +372,7 @@ def main() -> None:
         print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
 
     t0 = time.time()
-    bar = tqdm(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
+    bar = progress(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
     for step in bar:
         lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
         for group in optimizer.param_groups:

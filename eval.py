@@ -26,18 +26,17 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
-                    load_tokenizer, parse_config, read_shard, read_shards, run, seed_everything, setup_distributed,
-                    warn_useless_data, write_json_atomic, write_jsonl_atomic)
+                    load_tokenizer, parse_config, progress, read_shard, read_shards, run, seed_everything,
+                    setup_distributed, warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import RESUME_IGNORES, Generation, QuestionConfig, generate, load_questions
 
 
 @dataclasses.dataclass
 class Config(QuestionConfig):
-    model: str = arg("runs/toy/sft", "policy to evaluate: HF directory or hub name")
+    model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
     out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
@@ -142,7 +141,7 @@ def main() -> None:
     t0 = time.time()
     gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = tqdm(total=len(mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=len(mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
         for c, start in enumerate(range(0, len(mine), cfg.questions_per_chunk)):
             chunk = [q for q in mine[start: start + cfg.questions_per_chunk] if q["qid"] not in done]
             if chunk:

@@ -26,12 +26,11 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, append_jsonl, arg, barrier, build_prompt_ids,
                     check_rerun, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
-                    load_tokenizer, parse_config, read_jsonl, read_shard, read_shards, run, setup_distributed,
+                    load_tokenizer, parse_config, progress, read_jsonl, read_shard, read_shards, run, setup_distributed,
                     split_steps, warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
 
@@ -51,7 +50,7 @@ class QuestionConfig:
 
 @dataclasses.dataclass
 class Config(QuestionConfig):
-    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory or hub name")
+    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
     out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     n1: int = arg(32, "generator samples per question (paper: 32)")
@@ -155,7 +154,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
     results: list[Generation | None] = [None] * len(prompts)
     stop_at = stop_at.to(device) if stop_at is not None else None
     reasons = ["length", "eos", "step"]  # finish codes 0, 1, 2
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+    for start in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = order[start: start + batch_size]
         width, steps = max(len(prompts[i]) for i in batch), max(0, *(budget[i] for i in batch))
         ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)  # [B, L]
@@ -318,7 +317,9 @@ def load_questions(cfg: Config, tok) -> list[dict]:
         raise InputError(f"--task must be math or code, got {cfg.task!r}")
     check_grader(cfg.grader)
     code = cfg.task == "code"
-    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field))
+    flags = {cfg.question_field: "--question_field", cfg.answer_field: "--answer_field"}
+    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field),
+                      flags=flags)
     # The default instruction asks for \boxed{}: code gets its own unless one is given.
     instruction = CODE_INSTRUCTION if code and cfg.instruction == DEFAULT_INSTRUCTION else cfg.instruction
     if cfg.max_questions:
@@ -327,7 +328,7 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     for r in rows:
         qid = str(r.get(cfg.id_field, r["_line"]))
         if qid in seen:
-            raise InputError(f"{cfg.data} line {r['_line']}: duplicate id {qid!r}")
+            raise InputError(f"{cfg.data} line {r['_line']}: duplicate id {qid!r} (field {cfg.id_field!r}: --id_field)")
         seen.add(qid)
         if not isinstance(r[cfg.question_field], str) or not r[cfg.question_field].strip():
             raise InputError(f"{cfg.data} line {r['_line']}: field {cfg.question_field!r} must be a non-empty string")
@@ -350,6 +351,8 @@ def load_questions(cfg: Config, tok) -> list[dict]:
 
 def main() -> None:
     cfg = parse_config(Config)
+    if not 1 <= cfg.n_keep <= cfg.n1:
+        raise InputError(f"--n_keep {cfg.n_keep} must be between 1 and --n1 {cfg.n1} (it keeps n of the n1 samples)")
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
@@ -375,7 +378,7 @@ def main() -> None:
     g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + len(done))
     t0, tokens = time.time(), 0
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = tqdm(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.rank)
         for start in range(0, len(todo), cfg.questions_per_chunk):
             chunk = todo[start: start + cfg.questions_per_chunk]
             for record in rollout_chunk(model, tok, chunk, cfg, is_delim, g):

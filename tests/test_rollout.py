@@ -402,6 +402,26 @@ def test_data_that_teach_nothing_are_reported(toy_dir, tmp_path):
     assert f"responses cut by the token limit {summary['responses']} of {summary['responses']}" in proc.stdout
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and "every MC label is 0" in warnings[0] and "--max_new_tokens" in warnings[0]
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # no progress bar in a log
+
+
+def test_n_keep_above_n1_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--n1", "4", "--n_keep", "6", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(common.InputError, match="--n_keep 6 must be between 1 and --n1 4"):
+        rollout.main()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, flag", [("rollout", "--model"), ("eval", "--model"), ("critic", "--init"),
+                                          ("dapo", "--policy")])
+def test_help_shows_the_whole_summary_and_that_a_gguf_file_works(script, flag, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        common.parse_config(module.Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    first_paragraph = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert first_paragraph in text  # not cut after its first line
+    assert ".gguf file" in text.split(f"{flag} {flag[2:].upper()} ")[1].split(" --")[0]
 
 
 def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
@@ -487,6 +507,10 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(data) in lines[0] and where in lines[0], lines
+    if case == "missing_field":
+        assert "'answer' (or name yours with --answer_field)" in lines[0]
+    if case == "duplicate_id":
+        assert "--id_field" in lines[0]
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
 
 
