@@ -428,7 +428,7 @@ def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
     out = tmp_path / "ddp"
     run_script("torchrun", "--standalone", "--nproc_per_node=2", "rollout.py", "--model", str(toy_dir / "sft"),
                "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out), "--max_questions", "6",
-               "--n1", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2")
+               "--n1", "2", "--n_keep", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2")
     ids = question_ids(toy_dir, 6)
     assert [r["qid"] for r in read_lines(out / "shard-0.jsonl")] == ids[0::2]  # questions sharded over ranks
     assert [r["qid"] for r in read_lines(out / "shard-1.jsonl")] == ids[1::2]
