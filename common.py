@@ -161,8 +161,9 @@ def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = Fals
                 raise InputError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
             missing = [k for k in required if k not in record]
             if missing:
-                raise InputError(f"{path} line {line_no}: missing field(s) " + ", ".join(
-                    f"{k!r} (or name yours with {flags[k]})" if flags and k in flags else k for k in missing))
+                named_by = [flags[k] for k in missing if flags and k in flags]
+                raise InputError(f"{path} line {line_no}: missing field(s) {', '.join(missing)}"
+                                 + (f" (other field names: {', '.join(named_by)})" if named_by else ""))
             record["_line"] = line_no
             records.append(record)
     if not records and not allow_empty:

@@ -385,7 +385,8 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
     assert summary["tokens_generated"] > 0 and summary["tokens_per_second"] > 0 and summary["config"]["M"] == M
     assert summary["tokens_generated"] >= sum(len(sol["ids"]) - sol["prompt_len"] for sol in solutions)
     # what says whether the data can teach anything
-    assert summary["responses"] == 12 * 4 + M * len(states) and 0 <= summary["cut_by_token_limit"] < summary["responses"]
+    assert summary["responses"] == 12 * 4 + M * len(states)
+    assert 0 <= summary["cut_by_token_limit"] < summary["responses"]
     assert summary["states_labelled_0"] == sum(s["mc_value"] == 0 for s in states)
     assert summary["states_labelled_1"] == sum(s["mc_value"] == 1 for s in states)
     assert 0 <= summary["questions_without_correct_sample"] < 12
@@ -508,7 +509,7 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(data) in lines[0] and where in lines[0], lines
     if case == "missing_field":
-        assert "'answer' (or name yours with --answer_field)" in lines[0]
+        assert "missing field(s) answer (other field names: --answer_field)" in lines[0]
     if case == "duplicate_id":
         assert "--id_field" in lines[0]
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
