@@ -39,7 +39,9 @@ def arg(default: Any, help: str) -> Any:
 
 def parse_config(cls: type, argv: list[str] | None = None):
     """Build an argparse CLI from a config dataclass: every field becomes --name."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    doc = sys.modules[cls.__module__].__doc__ or ""
+    description = " ".join(doc.strip().split("\n\n")[0].split()).replace("%", "%%")  # its first paragraph, whole
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # annotations are strings
@@ -75,6 +77,17 @@ def run(main: Callable[[], Any]) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- progress bars
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on a terminal. When stderr goes to a file there is none (the scripts print their own lines of
+    progress and results): a redrawn or stacked bar leaves carriage returns and cursor moves in a log."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -288,9 +301,10 @@ def full_state_dict(model) -> dict:
 
 
 # ----------------------------------------------------------------------------- JSONL
-def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False) -> list[dict]:
+def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False,
+               flags: dict[str, str] | None = None) -> list[dict]:
     """Read and validate every line before anything is computed, so bad input fails fast and
-    names the file and line."""
+    names the file and line. `flags` maps a required field to the flag that names it, for the message."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     records = []
@@ -306,7 +320,9 @@ def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = Fals
                 raise InputError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
             missing = [k for k in required if k not in record]
             if missing:
-                raise InputError(f"{path} line {line_no}: missing field(s) {', '.join(missing)}")
+                named_by = [flags[k] for k in missing if flags and k in flags]
+                raise InputError(f"{path} line {line_no}: missing field(s) {', '.join(missing)}"
+                                 + (f" (other field names: {', '.join(named_by)})" if named_by else ""))
             record["_line"] = line_no
             records.append(record)
     if not records and not allow_empty:
@@ -356,23 +372,76 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_resume_settings(out_dir: str, cfg, is_main: bool, ignore: tuple[str, ...] = ()) -> None:
-    """Shards in out_dir are resumed only by a run with the settings that wrote them: a rerun with other flags
-    would otherwise mix two experiments in one output. The settings live in out_dir/settings.json; `ignore`
-    names those a resumed run may change (none alters a saved record). Call it before out_dir is touched."""
-    path = os.path.join(out_dir, "settings.json")
+def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ignore: tuple[str, ...], is_main: bool,
+                covers: Callable[[dict], bool] = lambda record: True) -> bool:
+    """The one rule of the four scripts for a run over earlier output; call it before anything is written.
+      - --overwrite true: out_dir, the settings file and the work paths are removed first; the run starts afresh.
+      - Finished output (`done`, the JSON file a run writes last, with its settings under "config"): made with
+        these settings, it is complete: say so and return True (the caller exits 0; nothing is redone or
+        rewritten). Made with other settings: stop, naming them.
+      - Unfinished work (the existing `work` paths: shards, a checkpoint), whose run recorded its settings in
+        `settings`: resumed only with the same settings, else stop, naming those that differ.
+    `ignore` names the settings a rerun may change (where output goes, speed, logging, how many questions): none
+    alters a saved result. `covers(done record)` says whether finished output holds all this command asks for
+    (more questions than it holds: resumed from the work, or refused when there is none)."""
+    if cfg.overwrite:
+        barrier()  # every rank has looked at the old output before rank 0 removes it
+        if is_main:
+            for path in [out_dir, settings, *work]:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        barrier()
     ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
-    if os.path.exists(path) and glob.glob(os.path.join(out_dir, "shard-*.jsonl")):
-        with open(path, encoding="utf-8") as f:
+    retry = "rerun with those settings, add --overwrite true to replace it, or use another --out_dir"
+    work = [p for p in work if os.path.exists(p)]
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            record = json.load(f)
+        theirs = record.get("config", {})
+        if _changed(ours, theirs):
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
+        if covers(record):
+            if is_main:
+                print(f"{out_dir}: complete, made with these settings; nothing to do (--overwrite true redoes it)")
+            return True
+        if not work:  # it would be replaced by a run that holds other questions
+            everything = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run over other questions "
+                             f"({_changed(everything, theirs)}); {retry}")
+    if work and os.path.exists(settings):
+        with open(settings, encoding="utf-8") as f:
             theirs = json.load(f)
-        changed = [k for k in ours if k in theirs and theirs[k] != ours[k]]
-        if changed:
-            raise InputError(f"{path}: {out_dir} holds unfinished work of a run with other settings ("
-                             + ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
-                             + "); rerun with those settings, or use another --out_dir")
+        if _changed(ours, theirs):
+            raise InputError(f"{settings}: {out_dir} holds unfinished work of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
     barrier()  # every rank has compared before rank 0 rewrites the file
     if is_main:
-        write_json_atomic(path, ours)
+        os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
+        write_json_atomic(settings, ours)
+    return False
+
+
+def _changed(ours: dict, theirs: dict) -> str:
+    """The settings that differ, as '--name old -> new, ...' ('' when none does)."""
+    return ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k])
+
+
+def warn_useless_data(labels: list[float] = (), cut: int = 0, responses: int = 0, after: str = "") -> bool:
+    """One warning line (stderr) when the data cannot teach anything: every MC label is the same (the critic can
+    only learn a constant, and DAPO's advantages are then the critic's errors), or most responses were cut by the
+    token limit (they count as wrong). `after` says what follows from it for the script. True when it warned."""
+    reasons = []
+    if labels and len(set(labels)) == 1:
+        reasons.append(f"every MC label is {labels[0]:g} ({len(labels)} states){after}")
+    if responses and cut > responses / 2:
+        reasons.append(f"{cut} of {responses} responses were cut by the token limit (they count as wrong): "
+                       "raise --max_new_tokens")
+    if reasons:
+        print("warning: " + "; ".join(reasons), file=sys.stderr, flush=True)
+    return bool(reasons)
 
 
 # ----------------------------------------------------------------------------- models
@@ -380,7 +449,8 @@ def check_model_path(path: str, what: str = "model") -> None:
     """A local directory (or GGUF file) must exist; a hub-style name ("org/name") is left to transformers."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/"
     if looks_local and not os.path.exists(path):
-        raise InputError(f"{path}: {what} path does not exist")
+        kind = "GGUF model file" if path.endswith(".gguf") else f"{what} path"
+        raise InputError(f"{path}: {kind} does not exist")
 
 
 def gguf_source(path: str) -> tuple[str, dict]:
@@ -426,6 +496,7 @@ def materialize_gguf(gguf_path: str, out_dir: str) -> None:
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     finalize_dir(tmp, out_dir)
+    print(f"wrote {gguf_path} as a Hugging Face model directory (float32): {out_dir}")
 
 
 def load_tokenizer(path: str):

@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, cleanup_distributed, clip_gradients,
-                    distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank, load_pretrained,
-                    load_tokenizer, load_training_state, lr_at, pack, parse_config, read_jsonl, run, save_training_state,
-                    seed_everything, setup_distributed, shared_prefix_rows, sync_gradients, training_meta,
-                    write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, cleanup_distributed,
+                    clip_gradients, distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank,
+                    load_pretrained, load_tokenizer, load_training_state, lr_at, pack, parse_config, progress,
+                    read_jsonl, run, save_training_state, seed_everything, setup_distributed, shared_prefix_rows,
+                    sync_gradients, training_meta, warn_useless_data, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -56,7 +56,8 @@ HEAD_FILE = "value_head.pt"
 @dataclasses.dataclass
 class Config:
     rollout_dir: str = arg("runs/toy/rollout", "rollout.py output directory (its solutions.jsonl is the training data)")
-    init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory or hub name (the policy by default)")
+    init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
+                                    "(the policy by default)")
     init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); --init is then unused")
     out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
@@ -75,6 +76,13 @@ class Config:
     log_every: int = arg(10, "print a line of metrics every N optimizer steps")
     checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt/ every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+    overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh")
+
+
+# Settings a rerun may change (where the output goes, speed, logging): none of them changes the critic trained.
+# Any other change is refused (common.check_rerun).
+RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "log_every",
+                  "checkpoint_every", "stop_after")
 
 
 # ============================================================================= the model
@@ -313,6 +321,11 @@ def main() -> None:
         raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch (--batch_size {cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
     accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+    ckpt_path, settings = cfg.out_dir.rstrip("/") + ".ckpt", cfg.out_dir.rstrip("/") + ".settings.json"
+    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "metrics.json"), settings, [ckpt_path], RESUME_IGNORES,
+                   ddp.is_main):
+        cleanup_distributed()
+        return
 
     # The critic: a warm start from the previous critic, or a fresh head on the backbone.
     source = cfg.init_critic or cfg.init
@@ -328,10 +341,9 @@ def main() -> None:
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # Resume: a checkpoint of this run replaces the freshly built model and optimizer.
-    ckpt_path = cfg.out_dir.rstrip("/") + ".ckpt"
     step, loss, meta = 0, None, training_meta(ckpt_path)
     if meta is not None:
-        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("log_every", "checkpoint_every", "stop_after")}
+        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
         theirs = {k: meta["config"].get(k) for k in ours}
         if ours != theirs:
             changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
@@ -339,6 +351,8 @@ def main() -> None:
         load_training_state(ckpt_path, critic, optimizer)
         step, loss = meta["step"], meta["train_loss"]
     if ddp.is_main:
+        warn_useless_data([v for s in train for v in s["mc_values"]],
+                          after=": the critic can only learn a constant (see the rollout's summary.json)")
         print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
               f"{round(sum(w for s in train for w in s['weights']))} distinct), "
               f"{len(heldout)} held out | {total_steps} steps of {cfg.batch_size} solutions = {accum} micro-batch(es) "
@@ -348,7 +362,7 @@ def main() -> None:
     # 3-4. One forward pass per solution gives V at every step boundary; the loss is the weighted mean over the
     # global batch's states (state_weights: every distinct state counts once).
     t0 = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
+    bar = progress(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
     first_step = step
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
@@ -408,8 +422,11 @@ def main() -> None:
         write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), {
             "heldout": metrics, "train_solutions": len(train), "steps": total_steps, "final_train_loss": loss,
             "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
-        if os.path.exists(ckpt_path):
-            shutil.rmtree(ckpt_path)
+        for path in (ckpt_path, settings):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         print(f"critic saved to {cfg.out_dir}")
     cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved
 

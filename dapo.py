@@ -29,8 +29,9 @@ takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_ac
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
 train_summary.json with the data kept, the last step's metrics and the config) appears only when training
 has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
-(reused by a rerun on the same inputs, e.g. with another beta or lr) and the resumable checkpoint (checkpoint/, in
-torch.distributed.checkpoint's format, sharded under --fsdp): rerunning the same command after a kill resumes from it.
+(reused by a rerun on the same inputs, e.g. with another beta or lr and --overwrite true) and the resumable
+checkpoint (checkpoint/, in torch.distributed.checkpoint's format, sharded under --fsdp): rerunning the same
+command after a kill resumes from it; over a finished actor it does nothing.
 
 Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
 pi_ref and the generator, and warm-starts the critic from the critic of iteration i (demo.sh runs this loop):
@@ -59,17 +60,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_shardable, cleanup_distributed, clip_gradients,
-                    distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank, load_causal_lm,
-                    load_checkpoint, load_tokenizer, load_training_state, lr_at, pack, parse_config, read_jsonl, run,
-                    save_checkpoint, save_training_state, seed_everything, setup_distributed, shared_prefix_rows,
-                    sync_gradients, training_meta, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, check_shardable, cleanup_distributed,
+                    clip_gradients, distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank,
+                    load_causal_lm, load_checkpoint, load_tokenizer, load_training_state, lr_at, pack, parse_config,
+                    progress, read_jsonl, run, save_checkpoint, save_training_state, seed_everything,
+                    setup_distributed, shared_prefix_rows, sync_gradients, training_meta, warn_useless_data,
+                    write_json_atomic)
 from critic import action_values, load_critic
 
 
 @dataclasses.dataclass
 class Config:
-    policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it")
+    policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
+                                      "(HF directory, hub name or .gguf file)")
     critic: str = arg("runs/toy/iter1/critic", "the critic directory written by critic.py")
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its states.jsonl)")
     out_dir: str = arg("runs/toy/iter1/actor", "where the trained actor goes (a Hugging Face model directory)")
@@ -90,6 +93,14 @@ class Config:
     log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
     checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint/ every N optimizer steps")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
+    overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh; "
+                                 "the cached Q values and log pi_ref, keyed by their inputs, are kept")
+
+
+# Settings a rerun may change (where the output goes, speed, logging): none of them changes the actor trained.
+# Any other change is refused (common.check_rerun).
+RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
+                  "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
 
 
 # ============================================================================= the DAPO objective
@@ -234,7 +245,7 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
     order = sorted(range(len(states)), key=lambda i: len(states[i]["state_ids"]) + sum(map(len, states[i]["actions"])))
     out: list[list[float]] = [[] for _ in states]
     device = next(model.parameters()).device
-    for batch in tqdm(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
+    for batch in progress(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
         with autocast(device):
             logp = action_logps(model, [states[i]["state_ids"] for i in batch],
                                 [states[i]["actions"] for i in batch])  # [n]
@@ -302,6 +313,11 @@ def main() -> None:
 
         check_shardable(cfg.policy, AutoModelForCausalLM)
     work_dir = cfg.out_dir.rstrip("/") + ".work"
+    ckpt_path = os.path.join(work_dir, "checkpoint")
+    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "train_summary.json"),
+                   os.path.join(work_dir, "settings.json"), [ckpt_path], RESUME_IGNORES, ddp.is_main):
+        cleanup_distributed()
+        return
 
     # 1-3. Q values, advantages and the training set; cached together with step 4.
     cache_path = os.path.join(work_dir, "prepared.pt")
@@ -322,6 +338,9 @@ def main() -> None:
               f"unique candidates of {sum(len(s['actions']) for s in states)}")
     if not train:
         raise InputError(f"{states_path}: no state has an advantage gap >= {cfg.min_gap}: nothing to train on")
+    if ddp.is_main:
+        warn_useless_data([s["mc_value"] for s in states if "mc_value" in s],
+                                 after=": the advantages only reflect the critic's errors, nothing to learn")
 
     # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes
     # its share on its own, whole copy, so no rank waits for another): no second model in memory.
@@ -345,23 +364,25 @@ def main() -> None:
     model.train()
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    ckpt_path = os.path.join(work_dir, "checkpoint")
     meta = training_meta(ckpt_path)
     start, log = 0, []
     run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                                          if k not in ("log_every", "checkpoint_every", "stop_after")}}
+                                                          if k not in RESUME_IGNORES}}
     if meta is not None and meta["run_id"] == run_id:
         load_training_state(ckpt_path, model, optimizer)
         start, log = meta["step"], meta["log"]
         if ddp.is_main:
             print(f"resuming from {ckpt_path} at step {start} of {total}")
-    elif meta is not None and ddp.is_main:
-        print(f"ignoring {ckpt_path}: it belongs to other inputs or settings")
+    elif meta is not None and ddp.is_main:  # other settings were refused by check_rerun: other inputs or ranks
+        why = {"key": "other inputs (a file under --rollout_dir, --critic or --policy changed)",
+               "world_size": f"{meta['run_id'].get('world_size')} rank(s), not {ddp.world_size}"}
+        print(f"ignoring {ckpt_path}: it was made with " + "; ".join(
+            why.get(k, f"--{k} {meta['run_id'].get(k)!r}") for k in run_id if meta["run_id"].get(k) != run_id[k]))
     if ddp.is_main:
         print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
 
     t0 = time.time()
-    bar = tqdm(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
+    bar = progress(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
     for step in bar:
         lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
         for group in optimizer.param_groups:

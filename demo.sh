@@ -2,26 +2,30 @@
 # The whole DAPO pipeline on the embedded toy task, two iterations, on a CPU:
 #   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json
 #
-#   bash demo.sh                 # the full demo (about 6 minutes on 2 CPU cores)
-#   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk: a one-minute check that the pipeline runs
+#   bash demo.sh                 # the full demo in runs/toy (about 6 minutes on 2 CPU cores)
+#   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a one-minute check that the pipeline runs
 #   OUT=runs/other bash demo.sh  # another output folder
 #
-# Each stage is skipped when its output is already complete, so rerunning after a kill resumes.
+# Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
+# never passes for the demo: OUT/demo_kind says which kind of run made the folder, and the other kind refuses it.
 # The same scripts run a real model: see "Your own model" in the README.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=${OUT:-runs/toy}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
 
 if [ "${DEMO_SMOKE:-0}" = "1" ]; then
+  KIND=smoke
+  OUT=${OUT:-runs/toy-smoke}
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
   ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M 4"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
   DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4 --min_gap 0.05"
   EVAL="--k 2"
 else
+  KIND=full
+  OUT=${OUT:-runs/toy}
   PREPARE=""
   ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 16 --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
@@ -30,7 +34,16 @@ else
 fi
 TOKENS="--max_new_tokens 40"  # toy solutions are at most 4 steps of about 7 tokens
 
+if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND" ]; then
+  echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND one: set OUT to another folder or remove it" >&2
+  exit 2
+elif [ ! -e "$OUT/demo_kind" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  echo "error: $OUT is not empty but has no demo_kind file (an older demo.sh, perhaps a smoke run, or other work):" \
+       "set OUT to another folder or remove it" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
+echo "$KIND" > "$OUT/demo_kind"
 TIMES="$OUT/stage_ms.tsv"
 stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER exists; record its wall time
   local name=$1 marker=$2; shift 2
@@ -63,15 +76,15 @@ for IT in 1 2; do
   PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one
 done
 
-$PY - "$OUT" <<'EOF'
+$PY - "$OUT" "$KIND" <<'EOF'
 import json, os, platform, sys
-out = sys.argv[1]
+out, kind = sys.argv[1], sys.argv[2]
 load = lambda *p: json.load(open(os.path.join(out, *p)))
 seconds = {}
 for line in open(os.path.join(out, "stage_ms.tsv")):
     name, ms = line.split("\t")
     seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
-summary = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+summary = {"kind": kind, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 rows = []
 for name, folder in [("base", "base"), ("iter1", "iter1"), ("iter2", "iter2")]:
     e = load(folder, "eval", "summary.json")
@@ -89,7 +102,9 @@ summary["critic_pearson_r"] = summary["iter1"]["critic_pearson_r"]
 summary["stage_seconds"] = seconds
 summary["wall_seconds"] = sum(seconds.values())
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
-print(f"\n| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
+print("\nSMOKE RUN (DEMO_SMOKE=1): every stage shrunk to check that the pipeline runs; these numbers are not the demo's"
+      if kind == "smoke" else "\nThe full demo (bash demo.sh):")
+print(f"| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
 print("|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['policy']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['r']} | {r['kept']} | {r['s']:.0f} |")

@@ -30,18 +30,17 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
-from common import (InputError, append_jsonl, arg, barrier, check_resume_settings, cleanup_distributed, load_causal_lm, load_tokenizer,
-                    parse_config, read_shard, read_shards, run, seed_everything, setup_distributed, write_json_atomic,
-                    write_jsonl_atomic)
+from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
+                    load_tokenizer, parse_config, progress, read_shard, read_shards, run, seed_everything,
+                    setup_distributed, warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import Generation, QuestionConfig, generate, load_questions
 
 
 @dataclasses.dataclass
 class Config(QuestionConfig):
-    model: str = arg("runs/toy/sft", "policy to evaluate: HF directory or hub name")
+    model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
     out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
@@ -51,13 +50,14 @@ class Config(QuestionConfig):
     batch_size: int = arg(64, "sequences per generation batch")
     questions_per_chunk: int = arg(64, "questions generated and saved together; a kill loses at most a chunk per rank")
     seed: int = arg(0, "sampling seed (each chunk offsets it): the same settings give the same numbers on any ranks")
+    overwrite: bool = arg(False, "remove out_dir (finished or not) first and start afresh")
 
 
 # A resumed eval must end with the numbers of an uninterrupted one, so it may change only where the output goes.
 # Every other setting changes what is drawn: the questions (--max_questions, --max_prompt_tokens) and
 # --questions_per_chunk decide which questions share a chunk and its seed, --batch_size which rows share a
 # sampling call. (rollout.py promises less and allows more: its RESUME_IGNORES.)
-RESUME_IGNORES = ("out_dir",)
+RESUME_IGNORES = ("out_dir", "overwrite")
 
 
 def majority_answer(texts: list[str]) -> str | None:
@@ -90,18 +90,22 @@ def grade_question(q: dict, greedy: Generation, samples: list[Generation], decod
     maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"]) if vote else None  # cut: no vote
     return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
             "greedy_response": greedy_text, "greedy_finish": greedy.finish, "greedy_correct": greedy_correct,
-            "sampled_responses": texts, "sampled_correct": correct, "maj_answer": maj,
+            "sampled_responses": texts, "sampled_finish": [s.finish for s in samples], "sampled_correct": correct,
+            "maj_answer": maj,
             "maj_correct": (maj is not None and answers_match(maj, reference_answer(q["answer"]))) if vote else None}
 
 
 def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float) -> dict:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sampled = cfg.k > 0
+    sampled_cut = [f == "length" for r in records for f in r.get("sampled_finish", [])]
     return {"model": cfg.model, "data": cfg.data, "num_questions": len(records),
             "greedy_acc": mean([r["greedy_correct"] for r in records]),
             "sampled_acc": mean([mean(r["sampled_correct"]) for r in records]) if sampled else None,
             "pass@k": mean([any(r["sampled_correct"]) for r in records]) if sampled else None,
             "maj@k": mean([r["maj_correct"] for r in records]) if sampled and cfg.task == "math" else None,
+            "greedy_cut": mean([r["greedy_finish"] == "length" for r in records]),  # cut by the token limit
+            "sampled_cut": sum(sampled_cut) / max(1, len(sampled_cut)) if sampled else None,
             "task": cfg.task, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
             "seed": cfg.seed, "world_size": world_size, "seconds": round(seconds, 2), "config": dataclasses.asdict(cfg)}
 
@@ -114,6 +118,8 @@ def print_table(s: dict) -> None:
     print(f"{s['model']} on {s['data']}: {s['num_questions']} questions, {s['seconds']:.0f}s")
     for name, value in rows:
         print(f"  {name:<28} {value:6.3f}")
+    cut = f"{s['greedy_cut']:.3f} greedy" + (f", {s['sampled_cut']:.3f} sampled" if s["k"] else "")
+    print(f"  {'cut by the token limit':<28} {cut}")
 
 
 def main() -> None:
@@ -123,8 +129,13 @@ def main() -> None:
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
+    done, settings = os.path.join(cfg.out_dir, "summary.json"), os.path.join(cfg.out_dir, "settings.json")
+    shards = glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl"))
+    if check_rerun(cfg, cfg.out_dir, done, settings, shards, RESUME_IGNORES, ddp.is_main,
+                   covers=lambda summary: summary["num_questions"] == len(questions)):
+        cleanup_distributed()
+        return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     seed_everything(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
@@ -145,7 +156,7 @@ def main() -> None:
     gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                batch_size=cfg.batch_size, vocab_size=len(tok))
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
         for c in mine:
             chunk = chunks[c]
             g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1_000_000 * c)
@@ -170,6 +181,9 @@ def main() -> None:
         for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) + [os.path.join(cfg.out_dir, "settings.json")]:
             os.remove(path)
         print_table(summary)
+        greedy_cut = sum(r["greedy_finish"] == "length" for r in merged)
+        sampled_cut = sum(f == "length" for r in merged for f in r.get("sampled_finish", []))
+        warn_useless_data(cut=greedy_cut + sampled_cut, responses=len(merged) * (1 + cfg.k))
     cleanup_distributed()
 
 

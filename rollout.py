@@ -21,17 +21,17 @@ same command after a kill resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import time
 
 import torch
-from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from common import (DEFAULT_INSTRUCTION, InputError, all_ranks_sum, append_jsonl, arg, barrier, build_prompt_ids,
-                    check_resume_settings, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
-                    load_tokenizer, parse_config, read_jsonl, read_shard, read_shards, run, setup_distributed,
-                    split_steps, write_json_atomic, write_jsonl_atomic)
+                    check_rerun, cleanup_distributed, delimiter_token_mask, lm_forward, load_causal_lm,
+                    load_tokenizer, parse_config, progress, read_jsonl, read_shard, read_shards, run, setup_distributed,
+                    split_steps, warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
 
 
@@ -50,7 +50,7 @@ class QuestionConfig:
 
 @dataclasses.dataclass
 class Config(QuestionConfig):
-    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory or hub name")
+    model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
     out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     n1: int = arg(32, "generator samples per question (paper: 32)")
@@ -63,14 +63,15 @@ class Config(QuestionConfig):
     batch_size: int = arg(256, "sequences per generation batch (256: the fastest in tests/benchmark_rollout.py)")
     questions_per_chunk: int = arg(16, "questions generated together (and saved together) per rank")
     seed: int = arg(0, "sampling seed (each rank offsets it)")
+    overwrite: bool = arg(False, "remove out_dir (finished or not) first and start afresh")
 
 
-# Settings a resumed run may change (where the output goes, how many questions, speed): none of them
-# changes a record already saved. Any other change is refused (common.check_resume_settings). A resumed
-# rollout promises every question exactly once, not the samples of an uninterrupted run (its generator is
-# reseeded from the number of questions done), so draw-changing speed settings may change too; eval.py,
-# which promises the numbers of an uninterrupted run, allows only --out_dir.
-RESUME_IGNORES = ("out_dir", "max_questions", "batch_size", "questions_per_chunk")
+# Settings a rerun may change (where the output goes, how many questions, speed): none of them changes a
+# record already saved. Any other change is refused (common.check_rerun). A resumed rollout promises every
+# question exactly once, not the samples of an uninterrupted run (its generator is reseeded from the number
+# of questions done), so draw-changing speed settings may change too; eval.py, which promises the numbers of
+# an uninterrupted run, allows only --out_dir.
+RESUME_IGNORES = ("out_dir", "overwrite", "max_questions", "batch_size", "questions_per_chunk")
 
 
 # ============================================================================= batched generation
@@ -159,7 +160,7 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
     results: list[Generation | None] = [None] * len(prompts)
     stop_at = stop_at.to(device) if stop_at is not None else None
     reasons = ["length", "eos", "step"]  # finish codes 0, 1, 2
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+    for start in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = order[start: start + batch_size]
         width, steps = max(len(prompts[i]) for i in batch), max(0, *(budget[i] for i in batch))
         ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in batch], device=device)  # [B, L]
@@ -254,7 +255,9 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     for qi in range(len(questions)):
         mine = samples[qi * cfg.n1: (qi + 1) * cfg.n1]
         graded = [(s.ids, ok) for s, ok in zip(mine, rewards[qi * cfg.n1: (qi + 1) * cfg.n1])]
-        records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine)})
+        records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine),
+                        "responses": len(mine), "cut": sum(s.finish == "length" for s in mine),
+                        "correct_samples": sum(ok for _, ok in graded)})
 
     # 2. States: every step prefix s_0..s_{T-1} of every kept solution (s_0, shared by all, only once).
     states = []  # (question index, response ids so far, step index t)
@@ -295,6 +298,8 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
                             "reward": float(ok) if terminal else None})
         value = mc_value(correct)
         records[qi]["tokens"] += sum(len(c.ids) for c in comps)
+        records[qi]["responses"] += len(comps)
+        records[qi]["cut"] += sum(c.finish == "length" for c in comps)
         label_of[qi][tuple(prefix)] = value
         state_records[qi].append({
             "qid": q["qid"], "t": t, "prompt_len": len(q["prompt_ids"]), "state_ids": q["prompt_ids"] + prefix,
@@ -310,7 +315,8 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
             solutions.append({"qid": q["qid"], "prompt_len": len(q["prompt_ids"]), "ids": q["prompt_ids"] + ids,
                               "text": decode(ids), "correct": ok, "step_ends": ends,
                               "mc_values": [label_of[qi][p] for p in prefixes]})
-        out.append({"qid": q["qid"], "states": state_records[qi], "solutions": solutions, "tokens": rec["tokens"]})
+        out.append({"qid": q["qid"], "states": state_records[qi], "solutions": solutions, "tokens": rec["tokens"],
+                    "responses": rec["responses"], "cut": rec["cut"], "correct_samples": rec["correct_samples"]})
     return out
 
 
@@ -319,7 +325,9 @@ def load_questions(cfg: Config, tok) -> list[dict]:
         raise InputError(f"--task must be math or code, got {cfg.task!r}")
     check_grader(cfg.grader)
     code = cfg.task == "code"
-    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field))
+    flags = {cfg.question_field: "--question_field", cfg.answer_field: "--answer_field"}
+    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field),
+                      flags=flags)
     # The default instruction asks for \boxed{}: code gets its own unless one is given.
     instruction = CODE_INSTRUCTION if code and cfg.instruction == DEFAULT_INSTRUCTION else cfg.instruction
     if cfg.max_questions:
@@ -328,7 +336,7 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     for r in rows:
         qid = str(r.get(cfg.id_field, r["_line"]))
         if qid in seen:
-            raise InputError(f"{cfg.data} line {r['_line']}: duplicate id {qid!r}")
+            raise InputError(f"{cfg.data} line {r['_line']}: duplicate id {qid!r} (field {cfg.id_field!r}: --id_field)")
         seen.add(qid)
         if not isinstance(r[cfg.question_field], str) or not r[cfg.question_field].strip():
             raise InputError(f"{cfg.data} line {r['_line']}: field {cfg.question_field!r} must be a non-empty string")
@@ -351,11 +359,18 @@ def load_questions(cfg: Config, tok) -> list[dict]:
 
 def main() -> None:
     cfg = parse_config(Config)
+    if not 1 <= cfg.n_keep <= cfg.n1:
+        raise InputError(f"--n_keep {cfg.n_keep} must be between 1 and --n1 {cfg.n1} (it keeps n of the n1 samples)")
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
+    done, settings = os.path.join(cfg.out_dir, "summary.json"), os.path.join(cfg.out_dir, "settings.json")
+    shards = glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl"))
+    if check_rerun(cfg, cfg.out_dir, done, settings, shards, RESUME_IGNORES, ddp.is_main,
+                   covers=lambda summary: summary["questions"] == len(questions)):
+        cleanup_distributed()
+        return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    check_resume_settings(cfg.out_dir, cfg, ddp.is_main, ignore=RESUME_IGNORES)  # before a shard is touched
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
     is_delim = delimiter_token_mask(tok, cfg.delimiter)
 
@@ -371,7 +386,7 @@ def main() -> None:
     g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + len(done))
     t0, tokens = time.time(), 0
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = tqdm(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.rank)
         for start in range(0, len(todo), cfg.questions_per_chunk):
             chunk = todo[start: start + cfg.questions_per_chunk]
             for record in rollout_chunk(model, tok, chunk, cfg, is_delim, g):
@@ -393,12 +408,23 @@ def main() -> None:
                    "kept_solutions": sum(len(r["solutions"]) for r in merged),
                    "kept_correct": sum(s["correct"] for r in merged for s in r["solutions"]),
                    "tokens_generated": sum(r["tokens"] for r in merged),
+                   # what says whether the data can teach anything (shards of older runs lack the counts)
+                   "responses": sum(r.get("responses", 0) for r in merged),
+                   "cut_by_token_limit": sum(r.get("cut", 0) for r in merged),
+                   "questions_without_correct_sample": sum(r.get("correct_samples", 1) == 0 for r in merged),
+                   "states_labelled_0": sum(s["mc_value"] == 0 for s in states),
+                   "states_labelled_1": sum(s["mc_value"] == 1 for s in states),
                    "tokens_this_run": tokens, "seconds_this_run": round(elapsed, 2),
                    "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1), "config": dataclasses.asdict(cfg)}
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)
         print(f"questions {summary['questions']} | states {summary['states']} | mean MC label "
               f"{summary['mean_mc_value']:.3f} | tokens generated {summary['tokens_generated']} | "
               f"{summary['tokens_per_second']} tokens/s (this run, all ranks)")
+        print(f"responses cut by the token limit {summary['cut_by_token_limit']} of {summary['responses']} | questions "
+              f"with no correct sample {summary['questions_without_correct_sample']} of {summary['questions']} | "
+              f"states labelled 0 / 1: {summary['states_labelled_0']} / {summary['states_labelled_1']}")
+        warn_useless_data([s["mc_value"] for s in states], summary["cut_by_token_limit"], summary["responses"],
+                                 after=": the critic can only learn a constant")
     cleanup_distributed()
 
 

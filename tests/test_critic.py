@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -193,6 +194,33 @@ def test_resume_after_a_stop_continues_from_the_checkpoint(toy_dir, toy_rollout,
     assert "resuming from step 2" in proc.stdout and "step 3/4" in proc.stdout and "step 1/4" not in proc.stdout
     assert_same_params(params(out), params(reference_critic), atol=1e-6)
     assert not os.path.exists(ckpt)
+
+
+def test_rerun_over_finished_output(toy_dir, toy_rollout, reference_critic, tmp_path):
+    out = tmp_path / "critic"
+    shutil.copytree(reference_critic, out)
+    old = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    proc = run_script(*train_args(toy_dir, toy_rollout, out, "--micro_batch_size", "4"))  # a speed setting may differ
+    assert "complete" in proc.stdout and "step 1/4" not in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    proc = run_script(*train_args(toy_dir, toy_rollout, out, "--lr", "1e-3"), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--lr 0.003 -> 0.001" in lines[0]
+    assert "--overwrite true" in lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    proc = run_script(*train_args(toy_dir, toy_rollout, out, "--lr", "1e-3", "--overwrite", "true"))
+    assert "step 4/4" in proc.stdout and json.load(open(out / "metrics.json"))["config"]["lr"] == 1e-3
+    assert sorted(os.listdir(tmp_path)) == ["critic"]  # no checkpoint or settings file left beside it
+
+
+def test_labels_that_teach_nothing_are_reported(toy_dir, toy_rollout, tmp_path):
+    (tmp_path / "rollout").mkdir()
+    with open(tmp_path / "rollout" / "solutions.jsonl", "w") as f:
+        for line in open(toy_rollout / "solutions.jsonl"):
+            record = json.loads(line)
+            f.write(json.dumps({**record, "mc_values": [0.0] * len(record["mc_values"])}) + "\n")
+    proc = run_script(*train_args(toy_dir, tmp_path / "rollout", tmp_path / "critic", "--stop_after", "1"))
+    assert "warning: every MC label is 0" in proc.stderr and "constant" in proc.stderr
 
 
 def test_warm_start_loads_the_previous_critic(toy_dir, toy_rollout, reference_critic, tmp_path):

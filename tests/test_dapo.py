@@ -4,6 +4,7 @@ ranks, resume)."""
 import json
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -149,9 +150,13 @@ def toy_critic(toy_dir, toy_rollout, tmp_path_factory):
     return out
 
 
-def train(toy_dir, toy_rollout, toy_critic, out_dir, *extra, torchrun=False):
-    args = ["dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic), "--rollout_dir", str(toy_rollout),
+def train_args(toy_dir, toy_rollout, toy_critic, out_dir, *extra):
+    return ["dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic), "--rollout_dir", str(toy_rollout),
             "--out_dir", str(out_dir), *TRAIN_FLAGS, *extra]
+
+
+def train(toy_dir, toy_rollout, toy_critic, out_dir, *extra, torchrun=False):
+    args = train_args(toy_dir, toy_rollout, toy_critic, out_dir, *extra)
     return run_script("torchrun", "--nproc_per_node=2", *args) if torchrun else run_script(*args, env=ONE_THREAD)
 
 
@@ -311,6 +316,36 @@ def test_fsdp_resume_after_a_kill_gives_the_same_actor(fsdp_actor, toy_dir, toy_
     for k in one:
         torch.testing.assert_close(resumed[k], one[k], atol=1e-6, rtol=0)
     assert not ckpt.exists()
+
+
+def test_rerun_over_finished_or_unfinished_output(actor, toy_dir, toy_rollout, toy_critic, tmp_path):
+    out, _ = actor
+    shutil.copytree(out, tmp_path / "actor")
+    shutil.copytree(str(out) + ".work", tmp_path / "actor.work")
+    old = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "actor").iterdir()}
+    proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor", "--micro_batch_actions", "8")  # speed only
+    assert "complete" in proc.stdout and "step 1" not in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "actor").iterdir()} == old
+    args = (toy_dir, toy_rollout, toy_critic, tmp_path / "actor", "--beta", "0.2")
+    proc = run_script(*train_args(*args), check=False, env=ONE_THREAD)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "finished" in lines[0] and "--beta 0.1 -> 0.2" in lines[0]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "actor").iterdir()} == old
+    proc = train(*args, "--overwrite", "true", "--stop_after", "1")  # redone, the inputs' cache kept
+    assert "reusing Q values" in proc.stdout and "stopped after step 1" in proc.stdout
+    assert not (tmp_path / "actor").exists()
+    proc = run_script(*train_args(toy_dir, toy_rollout, toy_critic, tmp_path / "actor"), check=False, env=ONE_THREAD)
+    lines = proc.stderr.strip().splitlines()  # unfinished work of --beta 0.2 is not resumed with --beta 0.1
+    assert proc.returncode == 2 and len(lines) == 1 and "unfinished" in lines[0] and "--beta 0.2 -> 0.1" in lines[0]
+
+
+def test_labels_that_teach_nothing_are_reported(toy_dir, toy_rollout, toy_critic, tmp_path):
+    (tmp_path / "rollout").mkdir()
+    with open(tmp_path / "rollout" / "states.jsonl", "w") as f:
+        for line in open(toy_rollout / "states.jsonl"):
+            f.write(json.dumps({**json.loads(line), "mc_value": 0.0}) + "\n")
+    proc = train(toy_dir, tmp_path / "rollout", toy_critic, tmp_path / "actor", "--stop_after", "1", "--min_gap", "0")
+    assert "warning: every MC label is 0" in proc.stderr and "critic's errors" in proc.stderr
 
 
 def test_bad_input_stops_with_one_line_and_writes_nothing(toy_dir, toy_rollout, toy_critic, tmp_path):

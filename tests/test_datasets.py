@@ -94,7 +94,9 @@ def test_instruction_and_question_limit_are_settings(tmp_path):
 
 def test_wrong_field_names_name_the_file_and_line(tmp_path):
     path = write(tmp_path / "math.jsonl", LAYOUTS["math_solution"]["rows"])
-    with pytest.raises(InputError, match=r"math\.jsonl line 1: missing field\(s\) question, answer"):
+    missing = (r"math\.jsonl line 1: missing field\(s\) question, answer "
+               r"\(other field names: --question_field, --answer_field\)")
+    with pytest.raises(InputError, match=missing):
         load_questions(Config(data=path), CharTokenizer())  # MATH read with the GSM8K field names
     with pytest.raises(InputError, match=r"math\.jsonl line 1: missing field\(s\) answer"):
         load_questions(Config(data=path, question_field="problem"), CharTokenizer())

@@ -17,10 +17,24 @@ def test_demo_smoke_writes_complete_summary(tmp_path):
         for key in ("greedy_acc", "sampled_acc"):
             assert 0.0 <= summary[policy][key] <= 1.0
     assert -1.0 <= summary["critic_pearson_r"] <= 1.0 and summary["wall_seconds"] > 0
-    assert "| DAPO iteration 2 |" in proc.stdout  # the table was printed
+    assert "| DAPO iteration 2 |" in proc.stdout and "SMOKE RUN" in proc.stdout  # the table, marked as a smoke run
+    assert summary["kind"] == "smoke" and (out / "demo_kind").read_text().strip() == "smoke"
     # The second iteration starts from the first: its rollout used iteration 1's actor as pi_ref.
     rollout2 = json.loads((out / "iter2" / "rollout" / "summary.json").read_text())
     assert rollout2["config"]["model"] == str(out / "iter1" / "actor")
     # Rerunning resumes: every stage is found complete and skipped.
     again = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 10, again.stdout[-2000:]
+
+
+def test_a_folder_of_the_other_kind_is_refused(tmp_path):
+    # A smoke run's folder must not pass for the full demo (nor the other way), nor a folder of unknown kind.
+    for folder, kind, smoke in [("smoke", "smoke\n", "0"), ("full", "full\n", "1"), ("unknown", None, "0")]:
+        out = tmp_path / folder
+        out.mkdir()
+        (out / ("demo_kind" if kind else "stage_ms.tsv")).write_text(kind or "")
+        before = sorted(p.name for p in out.iterdir())
+        env = {**os.environ, "DEMO_SMOKE": smoke, "OUT": str(out), "PYTHON": "false"}  # nothing may run
+        proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out}") and "OUT" in proc.stderr, proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == before

@@ -3,6 +3,7 @@ bad input; and the maj@k vote as a pure function."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,9 @@ def test_summary_has_every_field_and_agrees_with_the_responses(one_process):
     assert summary["pass@k"] == pytest.approx(sum(any(r["sampled_correct"]) for r in records) / N)
     assert summary["maj@k"] == pytest.approx(sum(r["maj_correct"] for r in records) / N)
     assert summary["pass@k"] >= summary["sampled_acc"]
+    assert summary["greedy_cut"] == pytest.approx(sum(r["greedy_finish"] == "length" for r in records) / N)
+    sampled_cut = sum(f == "length" for r in records for f in r["sampled_finish"])
+    assert summary["sampled_cut"] == pytest.approx(sampled_cut / (N * K))
     assert sorted(p.name for p in one_process.iterdir()) == ["responses.jsonl", "summary.json"]  # no parts, no .tmp
 
 
@@ -158,7 +162,8 @@ def test_resume_with_settings_that_change_the_draws_is_refused(toy_dir, tmp_path
     args = ["eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
             "--max_questions", str(N), "--k", str(K)]
     out.mkdir()
-    common.check_resume_settings(str(out), parse_config(Config, args[1:]), True, ignore=RESUME_IGNORES)
+    common.check_rerun(parse_config(Config, args[1:]), str(out), str(out / "summary.json"), str(out / "settings.json"),
+                       [], RESUME_IGNORES, True)  # records the settings of that run
     (out / "shard-0.jsonl").write_text('{"chunk": 0, "records": []}\n')  # unfinished work of that run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(sys, "argv", args + list(change))
@@ -166,6 +171,32 @@ def test_resume_with_settings_that_change_the_draws_is_refused(toy_dir, tmp_path
         common.run(eval_script.main)
     assert exit_info.value.code == 2 and f"{change[0]} " in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_responses_cut_by_the_token_limit_are_reported(toy_dir, tmp_path):
+    proc = run_eval(toy_dir, tmp_path, "--max_new_tokens", "3", "--max_questions", "2", "--k", "1")
+    _, summary = outputs(tmp_path)
+    assert summary["greedy_cut"] == summary["sampled_cut"] == 1.0
+    assert "cut by the token limit       1.000 greedy, 1.000 sampled" in proc.stdout
+    assert "warning: 4 of 4 responses were cut by the token limit" in proc.stderr and "--max_new_tokens" in proc.stderr
+
+
+def test_rerun_over_finished_output(toy_dir, one_process, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(one_process, out)
+    old = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    proc = run_eval(toy_dir, out)  # the same command: complete, nothing redone or rewritten
+    assert "complete" in proc.stdout and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    for extra, named in [(("--k", "2"), "--k 3 -> 2"), (("--max_questions", "3"), "--max_questions 7 -> 3")]:
+        proc = run_script("eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"),
+                          "--out_dir", str(out), "--max_questions", str(N), "--k", str(K),
+                          "--max_new_tokens", str(MAX_NEW_TOKENS), *extra, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0] and "--overwrite true" in lines[0], lines
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == old
+    run_eval(toy_dir, out, "--k", "0", "--overwrite", "true")  # redone from scratch with the new settings
+    records, summary = outputs(out)
+    assert summary["k"] == 0 and all(r["sampled_responses"] == [] for r in records)
 
 
 @pytest.mark.parametrize("case", ["malformed", "missing_field", "no_model"])

@@ -5,7 +5,9 @@ the model as a GGUF file (Q4_1, about 98 MB); skipped without them. Tiny setting
 stage runs on a real tokenizer, chat template and architecture and writes what the next one reads, not that
 the model gets better.
 """
+import contextlib
 import importlib.util
+import io
 import json
 import os
 
@@ -67,8 +69,19 @@ def smollm2(tmp_path_factory):
 
     gguf = smollm2_gguf()
     out = tmp_path_factory.mktemp("smollm2") / "base"
-    common.materialize_gguf(gguf, str(out))
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        common.materialize_gguf(gguf, str(out))
+    assert str(out) in said.getvalue()  # it says where it wrote
     return gguf, out
+
+
+def test_a_missing_gguf_file_is_named_as_a_model_file(tmp_path):
+    import common
+
+    for load in (common.load_tokenizer, lambda path: common.load_causal_lm(path, "cpu")):
+        with pytest.raises(common.InputError, match="model.Q8_0.gguf: GGUF model file does not exist"):
+            load(str(tmp_path / "model.Q8_0.gguf"))
 
 
 def test_prompt_uses_the_models_chat_template(smollm2):

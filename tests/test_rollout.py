@@ -516,13 +516,52 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
     assert math.isclose(summary["mean_mc_value"], sum(s["mc_value"] for s in states) / len(states))
     assert summary["tokens_generated"] > 0 and summary["tokens_per_second"] > 0 and summary["config"]["M"] == M
     assert summary["tokens_generated"] >= sum(len(sol["ids"]) - sol["prompt_len"] for sol in solutions)
+    # what says whether the data can teach anything
+    assert summary["responses"] == 12 * 4 + M * len(states)
+    assert 0 <= summary["cut_by_token_limit"] < summary["responses"]
+    assert summary["states_labelled_0"] == sum(s["mc_value"] == 0 for s in states)
+    assert summary["states_labelled_1"] == sum(s["mc_value"] == 1 for s in states)
+    assert 0 <= summary["questions_without_correct_sample"] < 12
+
+
+def test_data_that_teach_nothing_are_reported(toy_dir, tmp_path):
+    # 3 tokens cannot hold a toy solution: every response is cut, every label 0, and the run says so.
+    proc = run_script("rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
+                      "--out_dir", str(tmp_path), "--max_questions", "2", "--n1", "2", "--n_keep", "2", "--M", "2",
+                      "--max_new_tokens", "3")
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["cut_by_token_limit"] == summary["responses"] > 0
+    assert summary["questions_without_correct_sample"] == 2 and summary["states_labelled_0"] == summary["states"]
+    assert f"responses cut by the token limit {summary['responses']} of {summary['responses']}" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "every MC label is 0" in warnings[0] and "--max_new_tokens" in warnings[0]
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr  # no progress bar in a log
+
+
+def test_n_keep_above_n1_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--n1", "4", "--n_keep", "6", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(common.InputError, match="--n_keep 6 must be between 1 and --n1 4"):
+        rollout.main()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script, flag", [("rollout", "--model"), ("eval", "--model"), ("critic", "--init"),
+                                          ("dapo", "--policy")])
+def test_help_shows_the_whole_summary_and_that_a_gguf_file_works(script, flag, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        common.parse_config(module.Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    first_paragraph = " ".join(module.__doc__.strip().split("\n\n")[0].split())
+    assert first_paragraph in text  # not cut after its first line
+    assert ".gguf file" in text.split(f"{flag} {flag[2:].upper()} ")[1].split(" --")[0]
 
 
 def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
     out = tmp_path / "ddp"
     run_script("torchrun", "--standalone", "--nproc_per_node=2", "rollout.py", "--model", str(toy_dir / "sft"),
                "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out), "--max_questions", "6",
-               "--n1", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2")
+               "--n1", "2", "--n_keep", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2")
     ids = question_ids(toy_dir, 6)
     assert [r["qid"] for r in read_lines(out / "shard-0.jsonl")] == ids[0::2]  # questions sharded over ranks
     assert [r["qid"] for r in read_lines(out / "shard-1.jsonl")] == ids[1::2]
@@ -601,6 +640,10 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(data) in lines[0] and where in lines[0], lines
+    if case == "missing_field":
+        assert "missing field(s) answer (other field names: --answer_field)" in lines[0]
+    if case == "duplicate_id":
+        assert "--id_field" in lines[0]
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
 
 
@@ -625,32 +668,70 @@ def test_model_dir_without_a_model(tmp_path, toy_dir, previous_output, monkeypat
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
 
 
-def test_rerun_with_other_settings_is_refused(toy_dir, previous_output):
-    # previous_output holds the shards of a run with --M 4 --n1 4; resuming them with --M 2 would mix two runs.
+def mtimes(folder):
+    return {p: os.stat(p).st_mtime_ns for p in glob.glob(str(folder / "*"))}
+
+
+def test_rerun_over_finished_output(toy_dir, previous_output):
+    # previous_output holds the finished output of the toy_rollout settings (12 questions, --M 4 --n1 4).
     out, before = previous_output
-    args = ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out),
-            "--max_questions", "12", "--n1", "4", "--n_keep", "2", "--max_new_tokens", "40"]
-    proc = run_script(*args, "--M", "2", check=False)
+    settings = {"max_questions": 12, "n1": 4, "n_keep": 2, "M": 4, "max_new_tokens": 40}
+
+    def rerun(check=True, **changes):
+        flags = [x for k, v in {**settings, **changes}.items() for x in (f"--{k}", str(v))]
+        return run_script("rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
+                          "--out_dir", str(out), *flags, check=check)
+
+    # The same command (speed settings may differ): complete, nothing redone or rewritten.
+    old = mtimes(out)
+    proc = rerun(batch_size=7, questions_per_chunk=3)
+    assert "complete" in proc.stdout and "already done" not in proc.stdout
+    assert mtimes(out) == old and {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
+    # Other settings: one line naming them, nothing touched.
+    proc = rerun(M=2, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert str(out / "settings.json") in lines[0] and "--M 4 -> 2" in lines[0] and "--n1" not in lines[0]
-    assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
-    # Speed settings and a larger question budget may change on resume: the saved records are kept.
-    proc = run_script(*args, "--M", "4", "--batch_size", "7", "--questions_per_chunk", "3")
-    assert open(out / "states.jsonl", "rb").read() == before[str(out / "states.jsonl")]
+    assert str(out / "summary.json") in lines[0] and "--M 4 -> 2" in lines[0] and "--n1" not in lines[0]
+    assert "--overwrite true" in lines[0] and mtimes(out) == old
+    # More questions: the finished ones are kept, the new one is added.
+    rerun(max_questions=13)
+    assert len(read_lines(out / "shard-0.jsonl")) == 13 and json.load(open(out / "summary.json"))["questions"] == 13
+    assert open(out / "shard-0.jsonl", "rb").read().startswith(before[str(out / "shard-0.jsonl")])
+    # --overwrite true: the old output is removed and the run starts afresh.
+    rerun(max_questions=2, overwrite="true")
+    assert len(read_lines(out / "shard-0.jsonl")) == 2 and json.load(open(out / "summary.json"))["questions"] == 2
 
 
-def test_check_resume_settings_only_guards_unfinished_work(tmp_path):
+def test_check_rerun_is_one_rule_for_finished_and_unfinished_output(tmp_path, capsys):
     @dataclasses.dataclass
     class Cfg:
         out_dir: str = str(tmp_path)
         k: int = 4
         batch_size: int = 8
+        max_questions: int = 0
+        overwrite: bool = False
 
-    common.check_resume_settings(str(tmp_path), Cfg(), True, ignore=("batch_size",))
-    assert json.load(open(tmp_path / "settings.json")) == {"out_dir": str(tmp_path), "k": 4}
-    common.check_resume_settings(str(tmp_path), Cfg(k=5), True)  # no shard yet: nothing to mix, the new settings win
-    (tmp_path / "shard-0.jsonl").write_text('{"id": "a"}\n')
-    with pytest.raises(common.InputError, match="--k 5 -> 6"):
-        common.check_resume_settings(str(tmp_path), Cfg(k=6), True, ignore=("batch_size",))
-    common.check_resume_settings(str(tmp_path), Cfg(k=5, batch_size=64), True, ignore=("batch_size",))
+    ignore = ("out_dir", "overwrite", "batch_size", "max_questions")
+    done, settings, shard = tmp_path / "summary.json", tmp_path / "settings.json", tmp_path / "shard-0.jsonl"
+
+    def check(cfg, work=(), covers=lambda record: True):
+        return common.check_rerun(cfg, str(tmp_path), str(done), str(settings), [str(p) for p in work], ignore, True,
+                                  covers=covers)
+
+    assert not check(Cfg())  # nothing there: a fresh start, whose settings are recorded
+    assert json.load(open(settings)) == {"k": 4}
+    assert not check(Cfg(k=5))  # no unfinished work: nothing to mix, the new settings win
+    shard.write_text('{"id": "a"}\n')
+    with pytest.raises(common.InputError, match="unfinished work .*--k 5 -> 6.*--overwrite true"):
+        check(Cfg(k=6), [shard])
+    assert not check(Cfg(k=5, batch_size=64), [shard])  # an ignored setting: resumed
+    done.write_text(json.dumps({"config": dataclasses.asdict(Cfg(k=5))}))
+    assert check(Cfg(k=5, batch_size=64), [shard]) and "complete" in capsys.readouterr().out
+    with pytest.raises(common.InputError, match="finished output .*--k 5 -> 6"):
+        check(Cfg(k=6), [shard])
+    assert not check(Cfg(k=5, max_questions=9), [shard], covers=lambda record: False)  # more questions: resumed
+    with pytest.raises(common.InputError, match="other questions .*--max_questions 0 -> 9"):
+        check(Cfg(k=5, max_questions=9), covers=lambda record: False)  # ... unless there is nothing to resume from
+    assert not check(Cfg(k=6, overwrite=True), [shard])
+    assert not tmp_path.exists() or sorted(os.listdir(tmp_path)) == ["settings.json"]
+    assert json.load(open(settings)) == {"k": 6}
