@@ -362,6 +362,9 @@ class LineTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(self.pieces[i] for i in ids if i != 0)
 
+    def __len__(self):
+        return len(self.pieces)
+
 
 def test_rollout_labels_states_with_unit_test_rewards(monkeypatch):
     good, bad = [1, 2, 0], [1, 3, 0]  # "def add" then "+" (right) or "-" (wrong), then EOS
