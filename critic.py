@@ -58,8 +58,10 @@ class Config:
     rollout_dir: str = arg("runs/toy/rollout", "rollout.py output directory (its solutions.jsonl is the training data)")
     init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
                                     "(the policy by default)")
-    init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); --init is then unused")
-    out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) goes")
+    init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); "
+                                        "--init is then unused")
+    out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) "
+                                          "goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
     lr: float = arg(5e-6, "peak learning rate (paper, 7B: 5e-6)")
     epochs: int = arg(1, "passes over the training solutions (paper: 1)")
@@ -154,7 +156,8 @@ def pad_right(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[int]], batch_size: int = 64) -> list[list[float]]:
+def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[int]],
+              batch_size: int = 64) -> list[list[float]]:
     """V at the given positions of each token sequence, one forward pass per sequence: values[i][k] is
     V(sequences[i][: positions[i][k] + 1])."""
     device = next(critic.parameters()).device
@@ -299,7 +302,8 @@ def print_metrics(m: dict) -> None:
     print("calibration:  predicted V   states   mean V   mean MC label")
     for row in m["calibration"]:
         lo, hi = row["bin"]
-        print(f"              [{lo:.1f}, {hi:.1f})  {row['states']:7d}   {row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
+        print(f"              [{lo:.1f}, {hi:.1f})  {row['states']:7d}   "
+              f"{row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
 
 
 # ============================================================================= training
@@ -318,7 +322,8 @@ def main() -> None:
     train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
     steps_per_epoch = len(train) // cfg.batch_size  # a last partial batch is dropped: every rank does the same work
     if steps_per_epoch == 0:
-        raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch (--batch_size {cfg.batch_size})")
+        raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch "
+                         f"(--batch_size {cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
     accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
     ckpt_path, settings = cfg.out_dir.rstrip("/") + ".ckpt", cfg.out_dir.rstrip("/") + ".settings.json"
@@ -333,7 +338,8 @@ def main() -> None:
     critic = load_critic(source, ddp.device) if cfg.init_critic else Critic.from_backbone(source, ddp.device)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in train + heldout for t in s["ids"]) >= vocab:
-        raise InputError(f"{path}: token ids beyond the critic's vocabulary ({vocab}); the critic must share the policy's tokenizer")
+        raise InputError(f"{path}: token ids beyond the critic's vocabulary ({vocab}); "
+                         f"the critic must share the policy's tokenizer")
     if cfg.gradient_checkpointing:
         enable_checkpointing(critic.backbone)
     critic.train()
@@ -347,7 +353,8 @@ def main() -> None:
         theirs = {k: meta["config"].get(k) for k in ours}
         if ours != theirs:
             changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
-            raise InputError(f"{ckpt_path}: checkpoint of a run with other settings ({changed}); delete it to start over")
+            raise InputError(f"{ckpt_path}: checkpoint of a run with other settings ({changed}); "
+                             f"delete it to start over")
         load_training_state(ckpt_path, critic, optimizer)
         step, loss = meta["step"], meta["train_loss"]
     if ddp.is_main:
@@ -404,7 +411,8 @@ def main() -> None:
                                 {"step": step, "train_loss": loss, "config": dataclasses.asdict(cfg)})
         if step == cfg.stop_after and step < total_steps:
             if ddp.is_main:
-                tqdm.write(f"stopped after step {step} (--stop_after); rerun the same command to resume from {ckpt_path}")
+                tqdm.write(f"stopped after step {step} (--stop_after); "
+                           f"rerun the same command to resume from {ckpt_path}")
             cleanup_distributed()
             return
     bar.close()

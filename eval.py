@@ -178,7 +178,8 @@ def main() -> None:
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)
         summary = summarize(merged, cfg, ddp.world_size, time.time() - t0)
         write_json_atomic(os.path.join(cfg.out_dir, "summary.json"), summary)  # last: its presence means done
-        for path in glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl")) + [os.path.join(cfg.out_dir, "settings.json")]:
+        for path in (glob.glob(os.path.join(cfg.out_dir, "shard-*.jsonl"))
+                     + [os.path.join(cfg.out_dir, "settings.json")]):
             os.remove(path)
         print_table(summary)
         greedy_cut = sum(r["greedy_finish"] == "length" for r in merged)

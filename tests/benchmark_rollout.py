@@ -61,7 +61,8 @@ def main() -> None:
     tok = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device).eval()
     questions = [r["question"] for r in read_jsonl(cfg.data, required=("question",))]
-    prompts = [build_prompt_ids(tok, questions[(i // cfg.samples_per_question) % len(questions)]) for i in range(cfg.sequences)]
+    prompts = [build_prompt_ids(tok, questions[(i // cfg.samples_per_question) % len(questions)])
+               for i in range(cfg.sequences)]
 
     tokens_per_second(model, prompts[:8], tok, cfg, 8, None)  # warm-up: first calls allocate and compile kernels
     batched, n_batched, s_batched = tokens_per_second(model, prompts, tok, cfg, cfg.batch_size, "batched")

@@ -188,7 +188,8 @@ def main() -> None:
     speedup = wall["per pair"] / wall["shared"]
     print(f"stage B: shared {wall['shared']:.1f}s, per pair {wall['per pair']:.1f}s wall: {speedup:.1f}x less wall "
           f"time (target {cfg.target:.0f}x: {'met' if speedup >= cfg.target else 'NOT met'}); "
-          f"{cpu['per pair'] / cpu['shared']:.1f}x less CPU time; {real['per pair'] / real['shared']:.1f}x fewer tokens")
+          f"{cpu['per pair'] / cpu['shared']:.1f}x less CPU time; "
+          f"{real['per pair'] / real['shared']:.1f}x fewer tokens")
 
 
 if __name__ == "__main__":

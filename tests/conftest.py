@@ -15,11 +15,13 @@ sys.path.insert(0, ROOT)
 
 def run_script(*args, env=None, check=True, timeout=600, cwd=ROOT):
     """Run `python <args>` (or torchrun when args[0] == 'torchrun') from the repository root."""
-    cmd = ([sys.executable, "-m", "torch.distributed.run"] + list(args[1:])) if args[0] == "torchrun" else [sys.executable, *args]
+    cmd = (([sys.executable, "-m", "torch.distributed.run"] + list(args[1:])) if args[0] == "torchrun"
+           else [sys.executable, *args])
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
+                             f"\nstderr:\n{proc.stderr[-5000:]}")
     return proc
 
 

@@ -20,7 +20,8 @@ FSDP = ["--fsdp", "true", "--gradient_checkpointing", "true"]  # activation chec
 
 
 def train_args(toy_dir, toy_rollout, out_dir, *extra):
-    return ["critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"), "--out_dir", str(out_dir), *TRAIN, *extra]
+    return ["critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"), "--out_dir", str(out_dir),
+            *TRAIN, *extra]
 
 
 def params(critic_dir):
@@ -57,7 +58,8 @@ def reference_critic(toy_dir, toy_rollout, tmp_path_factory):
 def test_one_pass_equals_prefix_passes(toy_dir, solutions):
     critic = random_head_critic(toy_dir)
     some = solutions[:6]
-    one_pass = C.values_at(critic, [s["ids"] for s in some], [s["value_positions"] for s in some], batch_size=6)  # padded
+    one_pass = C.values_at(critic, [s["ids"] for s in some], [s["value_positions"] for s in some],
+                           batch_size=6)  # padded
     with torch.no_grad():
         prefix_only = [[critic(torch.tensor([s["ids"][: p + 1]]), torch.ones(1, p + 1, dtype=torch.long))[0, -1].item()
                         for p in s["value_positions"]] for s in some]
@@ -285,7 +287,8 @@ def test_heldout_metrics_match_their_formulas():
     assert C.heldout_metrics(TableCritic(dict.fromkeys(value_of, 0.5)), heldout, batch_size=4)["pearson_r"] is None
 
 
-GOOD = {"qid": "a", "prompt_len": 2, "ids": [5, 6, 7, 8], "text": "x", "correct": True, "step_ends": [2, 3], "mc_values": [0.5, 1.0]}
+GOOD = {"qid": "a", "prompt_len": 2, "ids": [5, 6, 7, 8], "text": "x", "correct": True, "step_ends": [2, 3],
+        "mc_values": [0.5, 1.0]}
 
 
 @pytest.mark.parametrize("content, message", [

@@ -35,7 +35,8 @@ LAYOUTS = {
     "gsm8k": dict(
         rows=[{"question": "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many "
                            "clips did she sell in April and May?",
-               "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"},
+               "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                         "Altogether 48+24 = <<48+24=72>>72.\n#### 72"},
               {"question": "A shop sells 1,200 pens a week. How many in two weeks?",
                "answer": "1,200 * 2 = 2,400\n#### 2,400"}],
         fields={}, references=["72", "2,400"],

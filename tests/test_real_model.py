@@ -136,7 +136,8 @@ def test_pipeline_on_smollm2(smollm2, tmp_path):
     # Stage B actor: every state kept (min_gap 0: the tiny rollout may have no gap), a few optimizer steps.
     run_script("dapo.py", "--policy", str(base), "--critic", str(critic_dir), "--rollout_dir", str(rollout_dir),
                "--out_dir", str(actor_dir), "--min_gap", "0", "--global_batch_actions", "4",
-               "--micro_batch_actions", "4", "--lr", "1e-6", "--ref_batch_size", "8", "--critic_batch_size", "8", env=ENV)
+               "--micro_batch_actions", "4", "--lr", "1e-6", "--ref_batch_size", "8", "--critic_batch_size", "8",
+               env=ENV)
     summary = json.loads((actor_dir / "train_summary.json").read_text())
     log = (actor_dir / "train_log.jsonl").read_text().splitlines()
     assert summary["states_kept"] == len(states) and summary["steps"] == len(log) >= 1

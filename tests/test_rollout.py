@@ -343,7 +343,8 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     assert all(r.finish == ("eos" if r.ids[-1] == tok.eos_token_id else "length") for r in batched)
     assert any(r.finish == "eos" for r in batched)
     # pad = EOS (models without a pad token) gives the same output
-    assert [r.ids for r in generate(model, prompts, batch_size=len(prompts), **{**kw, "pad_id": tok.eos_token_id})] == reference
+    assert [r.ids for r in generate(model, prompts, batch_size=len(prompts),
+                                    **{**kw, "pad_id": tok.eos_token_id})] == reference
     # One-step generation stops at the first delimiter token: the first step of the full greedy solution.
     is_delim = delimiter_token_mask(tok, "\n")
     steps = generate(model, prompts, batch_size=len(prompts), stop_at=is_delim, **kw)
@@ -431,7 +432,8 @@ def sol(i: int, ok: bool):
 
 
 @pytest.mark.parametrize("n_right,n_wrong,n,kept_right,kept_wrong", [
-    (4, 4, 6, 3, 3), (1, 7, 6, 1, 5), (7, 1, 6, 5, 1), (8, 0, 6, 6, 0), (0, 8, 6, 0, 6), (2, 1, 6, 2, 1), (4, 4, 5, 2, 3)])
+    (4, 4, 6, 3, 3), (1, 7, 6, 1, 5), (7, 1, 6, 5, 1), (8, 0, 6, 6, 0), (0, 8, 6, 0, 6), (2, 1, 6, 2, 1),
+    (4, 4, 5, 2, 3)])
 def test_select_balanced(n_right, n_wrong, n, kept_right, kept_wrong):
     samples = [sol(i, True) for i in range(n_right)] + [sol(100 + i, False) for i in range(n_wrong)]
     kept = select_balanced(samples, n)
@@ -445,11 +447,13 @@ def test_select_balanced_drops_duplicates_and_is_as_balanced_as_possible():
     for n_right in range(6):
         for n_wrong in range(6):
             for n in range(1, 7):
-                kept = select_balanced([sol(i, True) for i in range(n_right)] + [sol(10 + i, False) for i in range(n_wrong)], n)
+                kept = select_balanced([sol(i, True) for i in range(n_right)]
+                                       + [sol(10 + i, False) for i in range(n_wrong)], n)
                 right = sum(ok for _, ok in kept)
                 wrong = len(kept) - right
                 assert len(kept) == min(n, n_right + n_wrong) and len({tuple(ids) for ids, _ in kept}) == len(kept)
-                best = min(abs(r - (len(kept) - r)) for r in range(len(kept) + 1) if r <= n_right and len(kept) - r <= n_wrong)
+                best = min(abs(r - (len(kept) - r)) for r in range(len(kept) + 1)
+                           if r <= n_right and len(kept) - r <= n_wrong)
                 assert abs(right - wrong) == best
 
 
@@ -477,14 +481,17 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
         assert set(s) == {"qid", "t", "prompt_len", "state_ids", "state_text", "mc_value", "num_correct", "actions"}
         prompt = build_prompt_ids(tok, questions[s["qid"]]["question"])
         response = s["state_ids"][s["prompt_len"]:]
-        assert s["state_ids"][: s["prompt_len"]] == prompt and s["state_text"] == tok.decode(response, skip_special_tokens=True)
+        assert (s["state_ids"][: s["prompt_len"]] == prompt
+                and s["state_text"] == tok.decode(response, skip_special_tokens=True))
         assert len(split_steps(response, is_delim, eos)) == s["t"] and (not response or is_delim[response[-1]])
         assert s["mc_value"] == s["num_correct"] / M and len(s["actions"]) == M
         for a in s["actions"]:
-            assert set(a) == {"ids", "text", "terminal", "reward"} and a["text"] == tok.decode(a["ids"], skip_special_tokens=True)
+            assert (set(a) == {"ids", "text", "terminal", "reward"}
+                    and a["text"] == tok.decode(a["ids"], skip_special_tokens=True))
             assert not is_delim[a["ids"][:-1]].any()  # one step: no delimiter before its last token
             if a["terminal"]:
-                assert a["reward"] in (0.0, 1.0) and (a["ids"][-1] == eos or len(response) + len(a["ids"]) == 40)  # EOS or the solution's limit
+                # EOS or the solution's limit
+                assert a["reward"] in (0.0, 1.0) and (a["ids"][-1] == eos or len(response) + len(a["ids"]) == 40)
                 ended = a["ids"][-1] == eos
                 text = tok.decode(response + a["ids"], skip_special_tokens=True)
                 graded = grading.is_correct(text, questions[s["qid"]]["answer"])
@@ -500,7 +507,8 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
         response = sol["ids"][sol["prompt_len"]:]
         steps = split_steps(response, is_delim, eos)
         assert sol["text"] == tok.decode(response, skip_special_tokens=True)
-        assert sol["correct"] == (response[-1] == eos and grading.is_correct(sol["text"], questions[sol["qid"]]["answer"]))
+        assert sol["correct"] == (response[-1] == eos
+                                  and grading.is_correct(sol["text"], questions[sol["qid"]]["answer"]))
         assert sol["step_ends"][0] == sol["prompt_len"] and len(sol["step_ends"]) == len(steps) == len(sol["mc_values"])
         assert sol["step_ends"] == sorted(set(sol["step_ends"])) and sol["step_ends"][-1] < len(sol["ids"])
         for end, value in zip(sol["step_ends"], sol["mc_values"]):
@@ -508,11 +516,13 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
             assert state["mc_value"] == value and (end == sol["prompt_len"] or is_delim[sol["ids"][end - 1]])
         per_question.setdefault(sol["qid"], []).append(sol)
     # every state belongs to a kept solution, and at most n = 2 solutions per question
-    assert all(any(sol["ids"][: len(s["state_ids"])] == s["state_ids"] for sol in per_question[s["qid"]]) for s in states)
+    assert all(any(sol["ids"][: len(s["state_ids"])] == s["state_ids"] for sol in per_question[s["qid"]])
+               for s in states)
     assert all(len(v) <= 2 for v in per_question.values()) and len(per_question) == 12
 
     assert summary["questions"] == 12 and summary["states"] == len(states)
-    assert summary["kept_solutions"] == len(solutions) and summary["kept_correct"] == sum(s["correct"] for s in solutions)
+    assert (summary["kept_solutions"] == len(solutions)
+            and summary["kept_correct"] == sum(s["correct"] for s in solutions))
     assert math.isclose(summary["mean_mc_value"], sum(s["mc_value"] for s in states) / len(states))
     assert summary["tokens_generated"] > 0 and summary["tokens_per_second"] > 0 and summary["config"]["M"] == M
     assert summary["tokens_generated"] >= sum(len(sol["ids"]) - sol["prompt_len"] for sol in solutions)
@@ -575,8 +585,9 @@ def test_torchrun_two_ranks_every_question_once(toy_dir, tmp_path):
 def test_killed_run_resumes_without_losing_or_repeating_records(toy_dir, toy_rollout, tmp_path):
     # The toy_rollout settings on its first 6 questions, saved one by one so that a kill lands mid-way.
     out = tmp_path / "killed"
-    args = ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out),
-            "--max_questions", "6", "--n1", "4", "--n_keep", "2", "--M", "4", "--max_new_tokens", "40", "--questions_per_chunk", "1"]
+    args = ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"),
+            "--out_dir", str(out), "--max_questions", "6", "--n1", "4", "--n_keep", "2", "--M", "4",
+            "--max_new_tokens", "40", "--questions_per_chunk", "1"]
     shard = out / "shard-0.jsonl"
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=log,
@@ -620,11 +631,14 @@ def previous_output(toy_rollout, tmp_path):
 
 
 BAD_DATA = {
-    "malformed": ('{"question": "Start with 1. Add 2.", "answer": "3"}\n{"question": "Start with 1.", "answer": \n', "line 2"),
-    "missing_field": ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n{"question": "c"}\n', "line 3"),
+    "malformed": ('{"question": "Start with 1. Add 2.", "answer": "3"}\n'
+                  '{"question": "Start with 1.", "answer": \n', "line 2"),
+    "missing_field": ('{"question": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n'
+                      '{"question": "c"}\n', "line 3"),
     "empty": ("", "is empty"),
     "not_a_string": ('{"question": 5, "answer": "1"}\n', "line 1"),
-    "duplicate_id": ('{"id": "a", "question": "x", "answer": "1"}\n{"id": "a", "question": "y", "answer": "2"}\n', "line 2"),
+    "duplicate_id": ('{"id": "a", "question": "x", "answer": "1"}\n'
+                     '{"id": "a", "question": "y", "answer": "2"}\n', "line 2"),
 }
 
 
@@ -634,7 +648,8 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
     data = tmp_path / f"{case}.jsonl"
     data.write_text(content)
     out, before = previous_output
-    monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(data), "--out_dir", str(out)])
+    monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(data),
+                                      "--out_dir", str(out)])
     with pytest.raises(SystemExit) as exit_info:
         common.run(rollout.main)
     assert exit_info.value.code == 2
@@ -650,8 +665,10 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
 @pytest.mark.parametrize("what", ["model", "data"])
 def test_missing_path_exits_2_as_a_script(what, toy_dir, tmp_path, previous_output):
     out, before = previous_output
-    paths = {"model": str(toy_dir / "sft"), "data": str(toy_dir / "train.jsonl"), what: str(tmp_path / "does-not-exist")}
-    proc = run_script("rollout.py", "--model", paths["model"], "--data", paths["data"], "--out_dir", str(out), check=False)
+    paths = {"model": str(toy_dir / "sft"), "data": str(toy_dir / "train.jsonl"),
+             what: str(tmp_path / "does-not-exist")}
+    proc = run_script("rollout.py", "--model", paths["model"], "--data", paths["data"], "--out_dir", str(out),
+                      check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and str(tmp_path / "does-not-exist") in lines[0], proc.stderr
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before

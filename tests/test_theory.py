@@ -142,9 +142,9 @@ def test_lemma_3_1_gradient_identity(seed):
     def grads(theta_at):
         theta = theta_at.clone().requires_grad_(True)
         log_pi = torch.log_softmax(theta, -1)
-        I = (log_pi.exp() * (A - beta * (log_pi - log_ref))).sum()
+        improvement = (log_pi.exp() * (A - beta * (log_pi - log_ref))).sum()
         H = 0.5 * (pi_k * (A / beta - (log_pi - log_ref)) ** 2).sum()
-        return torch.autograd.grad(I, theta, retain_graph=True)[0], torch.autograd.grad(H, theta)[0]
+        return torch.autograd.grad(improvement, theta, retain_graph=True)[0], torch.autograd.grad(H, theta)[0]
 
     grad_I, grad_H = grads(theta_k)
     torch.testing.assert_close(grad_I, -beta * grad_H)

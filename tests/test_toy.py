@@ -27,9 +27,11 @@ def test_planted_mistake_is_a_sign_error_inside_a_step_named_subtract():
     assert wrong == ["Subtract: 7+2=9\n", "Add: 9+1=0\n", "Subtract: 0+3=\\boxed{3}"]
     assert prepare.solution_steps(7, ops, random.Random(0), trap_error=0.0) == prepare.solution_steps(7, ops)
     rng = random.Random(1)
-    made = sum(prepare.solution_steps(7, [("-", 2)], rng, trap_error=0.75)[0].startswith("Subtract: 7+") for _ in range(4000))
+    made = sum(prepare.solution_steps(7, [("-", 2)], rng, trap_error=0.75)[0].startswith("Subtract: 7+")
+               for _ in range(4000))
     assert abs(made / 4000 - 0.75) < 0.03  # about trap_error of the subtractions, not all or none
-    assert all(prepare.solution_steps(7, [("+", 2), ("*", 3)], rng, trap_error=1.0) == prepare.solution_steps(7, [("+", 2), ("*", 3)])
+    assert all(prepare.solution_steps(7, [("+", 2), ("*", 3)], rng, trap_error=1.0)
+               == prepare.solution_steps(7, [("+", 2), ("*", 3)])
                for _ in range(20))  # only subtractions are ever done wrong
 
 

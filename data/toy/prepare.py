@@ -38,7 +38,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run, seed_everything, write_jsonl_atomic  # noqa: E402
+from common import (DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run,  # noqa: E402
+                    seed_everything, write_jsonl_atomic)
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
 NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts by naming the question's operation
@@ -77,7 +78,8 @@ def make_problem(rng: random.Random) -> tuple[int, list[tuple[str, int]]]:
 
 
 def question_text(start: int, ops: list[tuple[str, int]]) -> str:
-    return f"Start with {start}. " + " ".join(OPS[op].format(k=k) for op, k in ops) + " Keep only the last digit after each step."
+    return (f"Start with {start}. " + " ".join(OPS[op].format(k=k) for op, k in ops)
+            + " Keep only the last digit after each step.")
 
 
 def apply(op: str, a: int, k: int) -> int:
@@ -92,7 +94,8 @@ def mistake(op: str) -> str:
     return "+"  # the sign mixed up: adds where the question says subtract
 
 
-def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None, trap_error: float = 0.0) -> list[str]:
+def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None,
+                   trap_error: float = 0.0) -> list[str]:
     """The worked solution; with rng, each trap step is done wrong with probability trap_error."""
     steps, value = [], start
     for i, (op, k) in enumerate(ops):
@@ -131,7 +134,8 @@ def build_tokenizer(corpus: list[str]):
     tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
     tk.decoder = decoders.Fuse()  # concatenate the pieces back: decode(encode(x)) == x
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
 def build_model(tok):
