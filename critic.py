@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, cleanup_distributed,
-                    clip_gradients, distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank,
-                    load_pretrained, load_tokenizer, load_training_state, lr_at, pack, parse_config, progress,
-                    read_jsonl, run, save_training_state, seed_everything, setup_distributed, shared_prefix_rows,
-                    sync_gradients, training_meta, warn_useless_data, write_json_atomic)
+from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, check_shardable,
+                    cleanup_distributed, clip_gradients, distribute, enable_checkpointing, finalize_dir,
+                    full_state_dict, held_per_rank, load_pretrained, load_tokenizer, load_training_state, lr_at, pack,
+                    parse_config, progress, read_jsonl, run, save_training_state, seed_everything, setup_distributed,
+                    shared_prefix_rows, sync_gradients, training_meta, warn_useless_data, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -326,6 +326,11 @@ def main() -> None:
                          f"(--batch_size {cfg.batch_size})")
     total_steps = steps_per_epoch * cfg.epochs
     accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+    source = cfg.init_critic or cfg.init
+    if cfg.fsdp:
+        from transformers import AutoModel
+
+        check_shardable(source, AutoModel)  # before anything is written
     ckpt_path, settings = cfg.out_dir.rstrip("/") + ".ckpt", cfg.out_dir.rstrip("/") + ".settings.json"
     if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "metrics.json"), settings, [ckpt_path], RESUME_IGNORES,
                    ddp.is_main):
@@ -333,7 +338,6 @@ def main() -> None:
         return
 
     # The critic: a warm start from the previous critic, or a fresh head on the backbone.
-    source = cfg.init_critic or cfg.init
     tok = load_tokenizer(source)
     critic = load_critic(source, ddp.device) if cfg.init_critic else Critic.from_backbone(source, ddp.device)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
