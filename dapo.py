@@ -68,7 +68,7 @@ from critic import critic_values, load_critic
 @dataclasses.dataclass
 class Config:
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it")
-    critic: str = arg("runs/toy/iter1/critic", "the critic directory written by critic.py")
+    critic: str = arg("runs/toy/iter1/critic", "the critic directory of critic.py (unused with --q_source rollout)")
     q_source: str = arg("critic", "Q(s, a) of a non-terminal candidate: critic (V_phi(s . a), the paper) or rollout "
                                   "(the graded reward of its own completion, no critic: an ablation)")
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its states.jsonl)")
