@@ -105,8 +105,8 @@ def plot_loss(ax, run_dir: str) -> None:
     for _, label, actor, colour in POLICIES:
         log = read_jsonl(os.path.join(run_dir, actor, "train_log.jsonl")) if actor else []
         if log:
-            ax.plot([m["step"] for m in log], [m["loss"] for m in log], color=colour, lw=1,
-                    label=label.replace("\n", " "))
+            ax.plot([m["step"] for m in log], [m["loss"] for m in log], color=colour, lw=1, marker="o", ms=2,
+                    label=label.replace("\n", " "))  # markers: a one-step run is still seen
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("DAPO loss (eq. 12), before the step")
