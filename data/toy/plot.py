@@ -65,7 +65,6 @@ def plot_calibration(ax, run_dir: str) -> None:
             continue
         table = heldout["calibration"]
         r = "undefined" if heldout["pearson_r"] is None else f"{heldout['pearson_r']:.2f}"
-        ax.plot([b["mean_predicted"] for b in table], [b["mean_label"] for b in table], color=colour, lw=1)
         ax.scatter([b["mean_predicted"] for b in table], [b["mean_label"] for b in table], color=colour,
                    s=[10 + 200 * b["states"] / heldout["states"] for b in table],
                    label=f"iteration {it}: r {r}, {heldout['states']} states")
@@ -78,7 +77,7 @@ def plot_calibration(ax, run_dir: str) -> None:
 
 
 def plot_fit(ax, run_dir: str) -> None:
-    lo, hi = 0.0, 0.0
+    reach, points = 0.0, []
     for key, label, actor, colour in POLICIES:
         if key not in ("iter1", "iter1_no_critic"):
             continue
@@ -92,8 +91,16 @@ def plot_fit(ax, run_dir: str) -> None:
         after = summary.get("after_training", {})
         ax.scatter(target, log_ratio, s=5, alpha=0.35, color=colour, edgecolors="none",
                    label=f"{label.replace(chr(10), ' ')}: {len(target)} actions, corr {after.get('corr', 0):.2f}")
-        lo, hi = min(lo, *target, *log_ratio), max(hi, *target, *log_ratio)
-    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--", label="log ratio = A / beta")
+        reach, points = max(reach, *map(abs, target)), points + log_ratio
+    # The axes span the targets (a few log ratios fall far below them: the count is printed in the corner).
+    lim = 1.5 * reach or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8, ls="--", label="log ratio = A / beta")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    outside = sum(abs(r) > lim for r in points)
+    if outside:
+        ax.text(0.98, 0.02, f"{outside} log ratio(s) beyond +-{lim:.1f} not shown", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7)
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("A(s, a) / beta (the target of eq. 12)")
     ax.set_ylabel("log pi / pi_ref after training")
