@@ -5,7 +5,8 @@ With pi_ref = the policy that generated the rollout (the SFT model in iteration 
 stage A, for every state s of states.jsonl and its M candidate actions a_1..a_M (the first steps of its M
 completions):
   1. Q(s, a_i) = r(s, a_i), the graded reward, when a_i ends the solution (V of a finished solution is 0),
-     else V_phi(s . a_i). The critic is freed afterwards.
+     else V_phi(s . a_i). The critic is freed afterwards. (--q_source rollout, an ablation without a
+     critic: Q(s, a_i) = the graded reward of a_i's own completion, one Monte-Carlo sample.)
   2. Advantage (eq. 13): A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), all M candidates, duplicates included.
   3. Training set: the unique candidates of every state whose advantage gap max A - min A is at least
      min_gap (paper: 0.1).
@@ -14,7 +15,8 @@ completions):
   5. The actor, initialised from pi_ref, minimises eq. 12,
          L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ],
      with all candidates of a state in the same micro-batch, AdamW, linear decay and gradient clipping.
-  6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy.
+  6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy,
+     with fit.jsonl: log(pi_theta / pi_ref) of every training action after training, beside its advantage.
 Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
 attending to the state and to itself (common.shared_prefix_rows), instead of one row per (state, candidate).
 
@@ -27,11 +29,11 @@ The defaults are the paper's settings for 7-8B models. The toy task (0.5M parame
 takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_actions 64 (demo.sh).
 
 Output: out_dir (the actor, its tokenizer, train_log.jsonl with the metrics of every optimizer step,
-train_summary.json with the data kept, the last step's metrics and the config) appears only when training
-has finished. Beside it, out_dir.work/ holds the cached Q values, advantages and log pi_ref
-(reused by a rerun on the same inputs, e.g. with another beta or lr and --overwrite true) and the resumable
-checkpoint (checkpoint/, in torch.distributed.checkpoint's format, sharded under --fsdp): rerunning the same
-command after a kill resumes from it; over a finished actor it does nothing.
+train_summary.json with the data kept, the last step's metrics, the fit after training and the config, and
+fit.jsonl) appears only when training has finished. Beside it, out_dir.work/ holds the cached Q values,
+advantages and log pi_ref (reused by a rerun on the same inputs, e.g. with another beta or lr and --overwrite
+true) and the resumable checkpoint (checkpoint/, in torch.distributed.checkpoint's format, sharded under
+--fsdp): rerunning the same command after a kill resumes from it; over a finished actor it does nothing.
 
 Iterative DAPO (section 6): iteration i+1 regenerates all data with the actor of iteration i, which becomes
 pi_ref and the generator, and warm-starts the critic from the critic of iteration i (demo.sh runs this loop):
@@ -73,7 +75,9 @@ from critic import action_values, load_critic
 class Config:
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
                                       "(HF directory, hub name or .gguf file)")
-    critic: str = arg("runs/toy/iter1/critic", "the critic directory written by critic.py")
+    critic: str = arg("runs/toy/iter1/critic", "the critic directory of critic.py (unused with --q_source rollout)")
+    q_source: str = arg("critic", "Q(s, a) of a non-terminal candidate: critic (V_phi(s . a), the paper) or rollout "
+                                  "(the graded reward of its own completion, no critic: an ablation)")
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its states.jsonl)")
     out_dir: str = arg("runs/toy/iter1/actor", "where the trained actor goes (a Hugging Face model directory)")
     beta: float = arg(0.01, "KL strength beta: log(pi / pi_ref) is fitted to A / beta (paper: 0.01 or 0.02)")
@@ -124,8 +128,9 @@ def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tens
 
 
 # ============================================================================= data: states, Q, advantages
-def read_states(path: str) -> list[dict]:
-    """states.jsonl of rollout.py, every record checked before anything is computed."""
+def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
+    """states.jsonl of rollout.py, every record checked before anything is computed; completion_rewards: every
+    action must carry the reward of its completion (--q_source rollout)."""
     states = read_jsonl(path, required=("qid", "state_ids", "actions"))
     is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
     for s in states:
@@ -139,6 +144,9 @@ def read_states(path: str) -> list[dict]:
                 raise InputError(f"{where}: every action needs ids (a list of token ids) and terminal (true or false)")
             if a["terminal"] and not isinstance(a.get("reward"), (int, float)):
                 raise InputError(f"{where}: an action that ends the solution needs its reward (a number)")
+            if completion_rewards and not isinstance(a.get("completion_reward"), (int, float)):
+                raise InputError(f"{where}: --q_source rollout needs every action's completion_reward (a number), "
+                                 "which rollout.py writes since the Q-source ablation: rerun rollout.py")
     return states
 
 
@@ -157,6 +165,21 @@ def q_values(states: list[dict], action_values) -> list[list[float]]:
               for a, v in zip(actions, vs)}
     return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"]), tuple(a["ids"])]
              for a in s["actions"]] for s in states]
+
+
+def rollout_q_values(states: list[dict]) -> list[list[float]]:
+    """Q(s, a_i) without a critic (--q_source rollout, the ablation): the graded reward of the completion whose
+    first step a_i is, a Monte-Carlo sample of Q, unbiased but 0 or 1. A candidate drawn k times gets the mean
+    of its k completions' rewards (variance / k), as a critic gives its copies one value: training_set keeps one
+    advantage per unique candidate, which must not depend on which copy came first. Averaging within the copies
+    keeps the sum over the M candidates, so the baseline of eq. 13 is still the MC label V_hat(s)."""
+    q = []
+    for s in states:
+        rewards: dict[tuple, list[float]] = {}
+        for a in s["actions"]:
+            rewards.setdefault(tuple(a["ids"]), []).append(float(a["completion_reward"]))
+        q.append([sum(rewards[tuple(a["ids"])]) / len(rewards[tuple(a["ids"])]) for a in s["actions"]])
+    return q
 
 
 def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
@@ -272,6 +295,28 @@ def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int
     return mine[rank] + [[]] * (max(map(len, mine)) - len(mine[rank]))
 
 
+@torch.no_grad()
+def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions: int, ddp) -> list[dict]:
+    """Per training state, its advantages and log(pi_theta / pi_ref) of its candidates after training, on every
+    rank. The states are split over the ranks as in training (rank_micro_batches: every rank runs as many
+    passes, which a sharded model needs), then gathered."""
+    actor.eval()
+    mine = {}
+    for group in rank_micro_batches(list(range(len(train))), sizes, batch_actions, ddp.rank, ddp.world_size):
+        batch = [train[i] for i in group or [0]]  # an empty micro-batch computes on state 0 and keeps nothing
+        with autocast(ddp.device):
+            logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
+        flat = iter(logp.float().tolist())
+        for i in group:
+            mine[i] = [next(flat) - r for r in train[i]["ref_logp"]]
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * ddp.world_size
+        dist.all_gather_object(parts, mine)
+    log_ratios = {i: v for part in parts for i, v in part.items()}
+    return [{"advantages": s["advantages"], "log_ratios": log_ratios[i]} for i, s in enumerate(train)]
+
+
 # ============================================================================= metrics of a step
 def step_metrics(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """Sums over the actions of a micro-batch, added over micro-batches and ranks, then read by summarize.
@@ -300,8 +345,10 @@ def main() -> None:
     if cfg.beta <= 0:
         raise InputError(f"--beta must be positive, got {cfg.beta}")
     states_path = os.path.join(cfg.rollout_dir, "states.jsonl")
-    states = read_states(states_path)  # validated in full before anything is computed
-    if not os.path.isdir(cfg.critic):
+    if cfg.q_source not in ("critic", "rollout"):
+        raise InputError(f"--q_source must be critic or rollout, got {cfg.q_source}")
+    states = read_states(states_path, completion_rewards=cfg.q_source == "rollout")  # in full, before anything else
+    if cfg.q_source == "critic" and not os.path.isdir(cfg.critic):
         raise InputError(f"{cfg.critic}: critic directory does not exist")
     tok = load_tokenizer(cfg.policy)
     too_big = max(max(s["state_ids"] + [t for a in s["actions"] for t in a["ids"]]) for s in states)
@@ -321,7 +368,8 @@ def main() -> None:
 
     # 1-3. Q values, advantages and the training set; cached together with step 4.
     cache_path = os.path.join(work_dir, "prepared.pt")
-    key = fingerprint(states_path, cfg.critic, cfg.policy, extra=f"min_gap={cfg.min_gap}")
+    q_inputs = [cfg.critic] if cfg.q_source == "critic" else []
+    key = fingerprint(states_path, *q_inputs, cfg.policy, extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}")
     prepared = load_checkpoint(cache_path)
     if prepared is not None and prepared["key"] == key:
         if ddp.is_main:
@@ -329,7 +377,7 @@ def main() -> None:
     else:
         # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
         # (4 bytes per parameter, not 16), and each rank works through its share of the sequences alone.
-        q = critic_q_values(cfg, ddp.device, states)
+        q = critic_q_values(cfg, ddp.device, states) if cfg.q_source == "critic" else rollout_q_values(states)
         prepared = {"key": key, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
     train = prepared["train"]
     sizes = [len(s["actions"]) for s in train]
@@ -431,6 +479,13 @@ def main() -> None:
             return
     bar.close()
 
+    # How far the actor got towards eq. 12's target: log(pi_theta / pi_ref) of every training action after
+    # the last step (train_log.jsonl measures each step before its update).
+    fit = fit_after_training(actor, train, sizes, cfg.micro_batch_actions, ddp)
+    advantages = torch.tensor([a for f in fit for a in f["advantages"]], dtype=torch.float64)  # [actions kept]
+    final = summarize(step_metrics(torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64),
+                                   advantages / cfg.beta, advantages).tolist())
+
     # 6. The actor as a Hugging Face model directory, complete before it appears under out_dir. A sharded
     # actor's full weights are gathered onto rank 0's CPU first: the directory loads without FSDP.
     state = full_state_dict(model) if cfg.fsdp else None
@@ -442,10 +497,12 @@ def main() -> None:
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "train_log.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(m) + "\n" for m in log)
+        with open(os.path.join(tmp, "fit.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(s) + "\n" for s in fit)
         write_json_atomic(os.path.join(tmp, "train_summary.json"), {
             "states": len(states), "states_kept": len(train), "actions": sum(len(s["actions"]) for s in states),
             "actions_kept": sum(sizes), "steps": total, "seconds": round(time.time() - t0, 2), "last_step": log[-1],
-            "config": dataclasses.asdict(cfg)})
+            "after_training": final, "config": dataclasses.asdict(cfg)})
         finalize_dir(tmp, cfg.out_dir)
         if os.path.exists(ckpt_path):
             shutil.rmtree(ckpt_path)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole DAPO pipeline on the embedded toy task, two iterations, on a CPU:
-#   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json
+#   build task + warm start -> eval -> [rollout -> critic -> dapo -> eval] x 2 -> table + summary.json + demo.png
+# Iteration 1 also trains an actor without a critic on the same rollout (dapo.py --q_source rollout: Q from
+# one graded completion per candidate), the ablation that shows what the critic is for.
 #
 #   bash demo.sh                 # the full demo in runs/toy (about 6 minutes on 2 CPU cores)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a one-minute check that the pipeline runs
+#   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   OUT=runs/other bash demo.sh  # another output folder
 #
 # Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
@@ -12,12 +15,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+SEED=${DEMO_SEED:-0}
+SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")  # runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, ...
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
 
 if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   KIND=smoke
-  OUT=${OUT:-runs/toy-smoke}
+  OUT=${OUT:-runs/toy-smoke$SUFFIX}
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
   ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M 4"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
@@ -25,7 +30,7 @@ if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   EVAL="--k 2"
 else
   KIND=full
-  OUT=${OUT:-runs/toy}
+  OUT=${OUT:-runs/toy$SUFFIX}
   PREPARE=""
   ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 16 --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
@@ -54,7 +59,7 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER e
   printf '%s\t%s\n' "$name" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$TIMES"  # milliseconds
 }
 
-stage prepare "$OUT/sft" $PY data/toy/prepare.py --out_dir "$OUT" $PREPARE
+stage prepare "$OUT/sft" $PY data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
 stage eval-base "$OUT/base/eval/summary.json" \
   $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS
 
@@ -72,6 +77,12 @@ for IT in 1 2; do
     $PY dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
   stage "iter$IT-eval" "$D/eval/summary.json" \
     $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS
+  if [ "$IT" = 1 ]; then  # the ablation: the same rollout and settings, Q from one completion instead of the critic
+    stage iter1-no-critic-dapo "$D/no-critic/actor" \
+      $PY dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
+    stage iter1-no-critic-eval "$D/no-critic/eval/summary.json" \
+      $PY eval.py --model "$D/no-critic/actor" --data "$OUT/test.jsonl" --out_dir "$D/no-critic/eval" $EVAL $TOKENS
+  fi
   POLICY="$D/actor"
   PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one
 done
@@ -86,17 +97,25 @@ for line in open(os.path.join(out, "stage_ms.tsv")):
     seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
 summary = {"kind": kind, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 rows = []
-for name, folder in [("base", "base"), ("iter1", "iter1"), ("iter2", "iter2")]:
+policies = {"base": ("warm start (SFT)", "base"), "iter1": ("DAPO iteration 1", "iter1"),
+            "iter1_no_critic": ("DAPO iteration 1, Q from one rollout (no critic)", "iter1/no-critic"),
+            "iter2": ("DAPO iteration 2", "iter2")}
+for name, (policy, folder) in policies.items():
     e = load(folder, "eval", "summary.json")
     summary[name] = {"greedy_acc": e["greedy_acc"], "sampled_acc": e["sampled_acc"]}
-    row = {"policy": {"base": "warm start (SFT)", "iter1": "DAPO iteration 1", "iter2": "DAPO iteration 2"}[name],
-           "greedy": e["greedy_acc"], "sampled": e["sampled_acc"], "r": "", "kept": "", "s": 0.0}
+    row = {"policy": policy, "greedy": e["greedy_acc"], "sampled": e["sampled_acc"], "r": "", "kept": "", "s": 0.0}
     if name != "base":
-        c, d = load(folder, "critic", "metrics.json"), load(folder, "actor", "train_summary.json")
-        summary[name].update(critic_pearson_r=c["heldout"]["pearson_r"], states_kept=d["states_kept"],
-                             actions_kept=d["actions_kept"])
-        row.update(r=f"{c['heldout']['pearson_r']:.3f}", kept=f"{d['states_kept']} / {d['actions_kept']}")
-        row["s"] = sum(v for k, v in seconds.items() if k.startswith(name) and k != f"{name}-eval")
+        d = load(folder, "actor", "train_summary.json")
+        summary[name].update(states_kept=d["states_kept"], actions_kept=d["actions_kept"])
+        row["kept"] = f"{d['states_kept']} / {d['actions_kept']}"
+    if name in ("iter1", "iter2"):
+        c = load(folder, "critic", "metrics.json")
+        summary[name]["critic_pearson_r"] = c["heldout"]["pearson_r"]
+        row["r"] = f"{c['heldout']['pearson_r']:.3f}"
+        row["s"] = sum(v for k, v in seconds.items()
+                       if k.startswith(name + "-") and k != f"{name}-eval" and "no-critic" not in k)
+    elif name == "iter1_no_critic":  # iteration 1's rollout, which it shares, and its own DAPO run: no critic
+        row["s"] = seconds.get("iter1-rollout", 0.0) + seconds.get("iter1-no-critic-dapo", 0.0)
     rows.append(row)
 summary["critic_pearson_r"] = summary["iter1"]["critic_pearson_r"]
 summary["stage_seconds"] = seconds
@@ -111,3 +130,10 @@ for r in rows:
 print(f"\nwall time {summary['wall_seconds']:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())})")
 print(f"machine: {summary['machine']}; written {os.path.join(out, 'summary.json')}")
 EOF
+
+# The figure: accuracies, the critic's calibration, the actor's fit of eq. 12 and its loss, from the files above.
+if $PY -c "import matplotlib" 2>/dev/null; then
+  $PY data/toy/plot.py --run_dir "$OUT"
+else
+  echo "no figure: matplotlib is missing (pip install matplotlib, or pip install -r requirements-optional.txt)"
+fi

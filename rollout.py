@@ -8,7 +8,8 @@ For every training question x, with pi_ref = pi_gen = the current policy:
   3. Completer: from every state, M completions to the end, graded. The MC label of the state is
      V_hat(s_t) = (number correct) / M; a completion cut by the token limit counts as wrong.
   4. Candidate actions: the first step of each of those M completions, with a flag for "this step ends the
-     solution" and, for those, the graded reward (dapo.py takes Q = r for them).
+     solution" and, for those, the graded reward (dapo.py takes Q = r for them). Every candidate also keeps
+     the graded reward of its whole completion (one Monte-Carlo sample of Q; dapo.py --q_source rollout).
 
     python rollout.py --model runs/toy/sft --data runs/toy/train.jsonl --out_dir runs/toy/iter1/rollout
     torchrun --nproc_per_node=8 rollout.py --model ... --data ...   # questions sharded over ranks
@@ -295,7 +296,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
             # limit, so equal first steps of a state always get the same flag and reward.
             terminal = len(first) == len(c.ids) and c.finish != "step"
             actions.append({"ids": first, "text": decode(first), "terminal": terminal,
-                            "reward": float(ok) if terminal else None})
+                            "reward": float(ok) if terminal else None, "completion_reward": float(ok)})
         value = mc_value(correct)
         records[qi]["tokens"] += sum(len(c.ids) for c in comps)
         records[qi]["responses"] += len(comps)

@@ -78,6 +78,22 @@ def test_q_values_terminal_takes_reward_and_each_state_is_asked_once():
     assert asked == [((1, 2), ((3,), (6,), (5, 5, 5))), ((1, 7), ((3,),))]
 
 
+def test_rollout_q_is_the_completion_reward_and_copies_share_their_mean():
+    # One state, M = 6: "3" drawn three times (completions right, wrong, right), "4 5" terminal and right,
+    # "6" twice (both wrong). The MC label of the state is 3/6.
+    s = state([1, 2], [([3], None), ([3], None), ([4, 5], 1.0), ([6], None), ([3], None), ([6], None)])
+    for a, r in zip(s["actions"], [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]):
+        a["completion_reward"] = r
+    [q] = dapo.rollout_q_values([s])
+    assert q == pytest.approx([2 / 3, 2 / 3, 1.0, 0.0, 2 / 3, 0.0])  # every copy of "3" gets the mean of its three
+    advantages = dapo.compute_advantages(torch.tensor(q))
+    assert torch.tensor(q).mean().item() == pytest.approx(0.5)  # the baseline is still the MC label
+    # One advantage per unique candidate, whichever copy training_set meets first.
+    [train] = dapo.training_set([s], [q], min_gap=0.1)
+    assert train["actions"] == [[3], [4, 5], [6]]
+    assert train["advantages"] == pytest.approx([advantages[0].item(), 0.5, -0.5])
+
+
 def test_training_set_keeps_unique_candidates_of_states_with_a_gap():
     states = [state([1], [([2], None), ([2], None), ([2], None), ([3], None)]),  # Q 1,1,1,0
               state([1], [([2], None), ([3], None)]),  # equal Q: no gap
@@ -130,12 +146,14 @@ def test_batches_hold_whole_states_and_every_rank_runs_as_many_micro_batches():
     ('{"qid": "a", "state_ids": [1], "actions": [{"ids": "3", "terminal": false}]}', "line 1: every action needs"),
     ('{"qid": "a", "state_ids": [], "actions": [{"ids": [3], "terminal": false}]}', "line 1: state_ids must be"),
     ("", "the file is empty"),
+    ('{"qid": "a", "state_ids": [1], "actions": [{"ids": [3], "terminal": false}]}',
+     "line 1: --q_source rollout needs"),
 ])
 def test_read_states_rejects_bad_input(tmp_path, line, message):
     path = tmp_path / "states.jsonl"
     path.write_text(line + "\n")
     with pytest.raises(InputError, match=re.escape(message)) as e:
-        dapo.read_states(str(path))
+        dapo.read_states(str(path), completion_rewards="q_source" in message)
     assert str(path) in str(e.value)
 
 
@@ -243,6 +261,39 @@ def test_training_raises_positive_advantage_actions_over_negative(actor, toy_dir
     down = [lp - r for lp, r, a in zip(logp, ref, advantages) if a < -1e-6]
     assert up and down
     assert sum(up) / len(up) - sum(down) / len(down) > 0.2
+    # fit.jsonl holds the same log ratios after training, one line per training state, beside the advantages.
+    fit = [json.loads(line) for line in open(out / "fit.jsonl")]
+    assert [f["advantages"] for f in fit] == [t["advantages"] for t in prepared["train"]]
+    assert [r for f in fit for r in f["log_ratios"]] == pytest.approx([lp - r for lp, r in zip(logp, ref)], abs=1e-4)
+    after = json.load(open(out / "train_summary.json"))["after_training"]
+    assert after["corr"] > 0 and after["loss"] < read_log(out)[0]["loss"]  # closer to A / beta than pi_ref was
+
+
+def test_q_from_the_rollout_needs_no_critic(toy_dir, toy_rollout, tmp_path):
+    out = tmp_path / "actor"
+    # No critic exists: --q_source rollout must not look for one.
+    train(toy_dir, toy_rollout, tmp_path / "no-critic", out, "--q_source", "rollout")
+    prepared = load_checkpoint(str(out) + ".work/prepared.pt")
+    states = dapo.read_states(str(toy_rollout / "states.jsonl"), completion_rewards=True)
+    assert prepared["q_values"] == dapo.rollout_q_values(states)
+    for s, q_s in zip(states, prepared["q_values"]):
+        assert sum(q_s) == pytest.approx(sum(a["completion_reward"] for a in s["actions"]))  # baseline = MC label
+        assert all(q == a["reward"] for a, q in zip(s["actions"], q_s) if a["terminal"])
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["config"]["q_source"] == "rollout" and summary["states_kept"] > 0
+    assert sum(1 for _ in open(out / "fit.jsonl")) == summary["states_kept"]
+
+
+def test_q_from_the_rollout_refuses_states_without_completion_rewards(toy_dir, tmp_path, monkeypatch):
+    rollout = tmp_path / "rollout"
+    rollout.mkdir()
+    (rollout / "states.jsonl").write_text(json.dumps(state([1, 2], [([3], None), ([4], 1.0)])) + "\n")
+    argv = ["--policy", str(toy_dir / "sft"), "--rollout_dir", str(rollout), "--out_dir", str(tmp_path / "actor"),
+            "--q_source", "rollout"]
+    monkeypatch.setattr(sys, "argv", ["dapo.py"] + argv)
+    with pytest.raises(InputError, match=re.escape(f"{rollout / 'states.jsonl'} line 1: --q_source rollout needs")):
+        dapo.main()
+    assert not (tmp_path / "actor").exists() and not (tmp_path / "actor.work").exists()
 
 
 def assert_same_training(one_dir, two_dir, init_dir):

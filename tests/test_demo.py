@@ -1,4 +1,5 @@
 """demo.sh end to end with every stage shrunk (DEMO_SMOKE=1): it runs and writes a complete summary.json."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +14,28 @@ def test_demo_smoke_writes_complete_summary(tmp_path):
     proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for policy in ("base", "iter1", "iter2"):
+    for policy in ("base", "iter1", "iter1_no_critic", "iter2"):
         for key in ("greedy_acc", "sampled_acc"):
             assert 0.0 <= summary[policy][key] <= 1.0
     assert -1.0 <= summary["critic_pearson_r"] <= 1.0 and summary["wall_seconds"] > 0
     assert "| DAPO iteration 2 |" in proc.stdout and "SMOKE RUN" in proc.stdout  # the table, marked as a smoke run
     assert summary["kind"] == "smoke" and (out / "demo_kind").read_text().strip() == "smoke"
+    assert "| DAPO iteration 1, Q from one rollout (no critic) |" in proc.stdout  # with the ablation's row
+    no_critic = json.loads((out / "iter1" / "no-critic" / "actor" / "train_summary.json").read_text())
+    assert no_critic["config"]["q_source"] == "rollout"
+    assert no_critic["config"]["rollout_dir"] == str(out / "iter1" / "rollout")  # the same data as iteration 1
+    # The figure needs matplotlib (requirements-optional.txt); without it the demo says how to get it.
+    if importlib.util.find_spec("matplotlib"):
+        png = (out / "demo.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+    else:
+        assert "no figure: matplotlib is missing" in proc.stdout and not (out / "demo.png").exists()
     # The second iteration starts from the first: its rollout used iteration 1's actor as pi_ref.
     rollout2 = json.loads((out / "iter2" / "rollout" / "summary.json").read_text())
     assert rollout2["config"]["model"] == str(out / "iter1" / "actor")
     # Rerunning resumes: every stage is found complete and skipped.
     again = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 10, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("done already") == 12, again.stdout[-2000:]
 
 
 def test_a_folder_of_the_other_kind_is_refused(tmp_path):

@@ -195,6 +195,9 @@ def test_mc_labels_match_true_values():
         assert all(a["terminal"] and a["ids"] in ([RIGHT, EOS], [WRONG, EOS]) for a in state["actions"])
         assert all(a["reward"] == float(a["ids"][0] == RIGHT) for a in state["actions"])
         assert sum(a["reward"] for a in state["actions"]) == state["num_correct"]
+    # Every candidate keeps its own completion's reward: they add up to the MC label at every state.
+    for state in record["states"]:
+        assert sum(a["completion_reward"] for a in state["actions"]) == state["num_correct"]
     # The kept solutions carry the same labels at their step boundaries.
     for sol in record["solutions"]:
         assert sol["correct"] == (sol["ids"][-2] == RIGHT) and sol["step_ends"] == [1, 2]
@@ -486,8 +489,8 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
         assert len(split_steps(response, is_delim, eos)) == s["t"] and (not response or is_delim[response[-1]])
         assert s["mc_value"] == s["num_correct"] / M and len(s["actions"]) == M
         for a in s["actions"]:
-            assert (set(a) == {"ids", "text", "terminal", "reward"}
-                    and a["text"] == tok.decode(a["ids"], skip_special_tokens=True))
+            assert set(a) == {"ids", "text", "terminal", "reward", "completion_reward"}
+            assert a["text"] == tok.decode(a["ids"], skip_special_tokens=True)
             assert not is_delim[a["ids"][:-1]].any()  # one step: no delimiter before its last token
             if a["terminal"]:
                 # EOS or the solution's limit
@@ -498,7 +501,9 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
                 assert a["reward"] == float(ended and graded)
             else:
                 assert a["reward"] is None and is_delim[a["ids"][-1]]
+            assert a["completion_reward"] in (0.0, 1.0) and (not a["terminal"] or a["completion_reward"] == a["reward"])
         assert sum(a["reward"] or 0 for a in s["actions"]) <= s["num_correct"]
+        assert sum(a["completion_reward"] for a in s["actions"]) == s["num_correct"]
         state_of[(s["qid"], tuple(s["state_ids"]))] = s
 
     per_question = {}
