@@ -43,12 +43,13 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import set_seed
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, check_shardable,
                     cleanup_distributed, clip_gradients, distribute, enable_checkpointing, finalize_dir,
                     full_state_dict, held_per_rank, load_pretrained, load_tokenizer, load_training_state, lr_at, pack,
-                    parse_config, progress, read_jsonl, run, save_training_state, seed_everything, setup_distributed,
-                    shared_prefix_rows, sync_gradients, training_meta, warn_useless_data, write_json_atomic)
+                    parse_config, progress, read_jsonl, run, save_training_state, setup_distributed, shared_prefix_rows,
+                    sync_gradients, training_meta, warn_useless_data, write_json_atomic)
 
 HEAD_FILE = "value_head.pt"
 
@@ -315,7 +316,7 @@ def main() -> None:
     if cfg.batch_size % (cfg.micro_batch_size * ddp.world_size):
         raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
                          f"= {cfg.micro_batch_size * ddp.world_size}")
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
 
     # 1-2. Data, validated in full before anything is written; held-out questions set aside.
     path = os.path.join(cfg.rollout_dir, "solutions.jsonl")

@@ -61,13 +61,13 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers import set_seed
 
 from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, check_shardable, cleanup_distributed,
                     clip_gradients, distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank,
                     load_causal_lm, load_checkpoint, load_tokenizer, load_training_state, lr_at, pack, parse_config,
-                    progress, read_jsonl, run, save_checkpoint, save_training_state, seed_everything,
-                    setup_distributed, shared_prefix_rows, sync_gradients, training_meta, warn_useless_data,
-                    write_json_atomic)
+                    progress, read_jsonl, run, save_checkpoint, save_training_state, setup_distributed,
+                    shared_prefix_rows, sync_gradients, training_meta, warn_useless_data, write_json_atomic)
 from critic import action_values, load_critic
 
 
@@ -85,7 +85,8 @@ class Config:
     lr: float = arg(5e-7, "peak learning rate (paper: 5e-7)")
     epochs: int = arg(1, "passes over the training states (paper: 1)")
     global_batch_actions: int = arg(2048, "actions per optimizer step, over all ranks, whole states only (paper: 2048)")
-    micro_batch_actions: int = arg(32, "actions per forward pass on a rank, whole states only (a larger state goes alone)")
+    micro_batch_actions: int = arg(32, "actions per forward pass on a rank, whole states only "
+                                       "(a larger state goes alone)")
     warmup_fraction: float = arg(0.0, "fraction of the steps spent warming the learning rate up (then linear decay)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
@@ -107,27 +108,7 @@ RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_s
                   "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
 
 
-# ============================================================================= the DAPO objective
-def compute_advantages(q_values: torch.Tensor) -> torch.Tensor:
-    """Eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), over the last dimension (the M candidates of a
-    state, duplicates included, so that the mean is a sample estimate of V(s) under pi_ref). No division by
-    the standard deviation: eq. 12 fits log(pi / pi_ref) to A / beta, the scale of A matters."""
-    return q_values - q_values.mean(dim=-1, keepdim=True)  # [..., M]
-
-
-def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
-    the actions given. logp, ref_logp: [N] sums of each action's token log-probs. No log Z(s) term (the
-    paper drops it; Theorem 3.2 shows the minimiser still improves on pi_ref), no clipping, no length
-    normalisation."""
-    if not logp.shape == ref_logp.shape == advantages.shape:
-        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, "
-                         f"advantages {tuple(advantages.shape)}")
-    log_ratio = logp - ref_logp  # [N]
-    return 0.5 * ((advantages / beta - log_ratio) ** 2).mean()
-
-
-# ============================================================================= data: states, Q, advantages
+# ============================================================================= the states
 def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
     """states.jsonl of rollout.py, every record checked before anything is computed; completion_rewards: every
     action must carry the reward of its completion (--q_source rollout)."""
@@ -150,6 +131,7 @@ def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
     return states
 
 
+# ============================================================================= step 1: Q(s, a)
 def q_values(states: list[dict], action_values) -> list[list[float]]:
     """Q(s, a_i) of every candidate: the reward when a_i ends the solution (Q = r + V(terminal) = r), else
     V_phi(s . a_i) (Q = 0 + V). action_values maps [(state, [action, ...]), ...] to [[V(state . action), ...],
@@ -167,6 +149,18 @@ def q_values(states: list[dict], action_values) -> list[list[float]]:
              for a in s["actions"]] for s in states]
 
 
+def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
+    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
+    critic = load_critic(cfg.critic, device)
+    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
+    q = q_values(states, lambda asked: on_all_ranks(values, asked))
+    critic = None  # empty the closure's cell too, so the memory is released before empty_cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return q
+
+
 def rollout_q_values(states: list[dict]) -> list[list[float]]:
     """Q(s, a_i) without a critic (--q_source rollout, the ablation): the graded reward of the completion whose
     first step a_i is, a Monte-Carlo sample of Q, unbiased but 0 or 1. A candidate drawn k times gets the mean
@@ -180,6 +174,14 @@ def rollout_q_values(states: list[dict]) -> list[list[float]]:
             rewards.setdefault(tuple(a["ids"]), []).append(float(a["completion_reward"]))
         q.append([sum(rewards[tuple(a["ids"])]) / len(rewards[tuple(a["ids"])]) for a in s["actions"]])
     return q
+
+
+# ================================================================== steps 2-3: advantages (eq. 13) and the training set
+def compute_advantages(q_values: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), over the last dimension (the M candidates of a
+    state, duplicates included, so that the mean is a sample estimate of V(s) under pi_ref). No division by
+    the standard deviation: eq. 12 fits log(pi / pi_ref) to A / beta, the scale of A matters."""
+    return q_values - q_values.mean(dim=-1, keepdim=True)  # [..., M]
 
 
 def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
@@ -202,43 +204,7 @@ def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> li
     return kept
 
 
-def on_all_ranks(fn, items: list) -> list:
-    """fn(items), with the items split over the ranks and the results gathered back, in order, on every rank."""
-    if not dist.is_initialized():
-        return fn(items)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    parts = [None] * world
-    dist.all_gather_object(parts, fn(items[rank::world]))
-    out = [None] * len(items)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
-    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
-    critic = load_critic(cfg.critic, device)
-    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
-    q = q_values(states, lambda asked: on_all_ranks(values, asked))
-    critic = None  # empty the closure's cell too, so the memory is released before empty_cache
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return q
-
-
-def fingerprint(*paths: str, extra: str = "") -> str:
-    """Changes whenever an input changes: names, sizes and modification times of the files under each path."""
-    entries = [extra]
-    for path in paths:
-        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**"), recursive=True))
-        entries += [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]
-        if not files:  # a hub name: the name is all we know
-            entries.append(path)
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
-
-
-# ============================================================================= log pi(a|s) with a causal LM
+# ============================================================================ step 4: log pi(a|s), each state read once
 def action_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
     """log pi(a|s) = SUM of the action's token log-probs, for every action of a batch of states (actions[i]
     are the candidates of states[i]): [N], the actions in order.
@@ -278,7 +244,19 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
     return out
 
 
-# ============================================================================= batching: whole states
+# ===================================================== step 5: the DAPO loss (eq. 12), batches of whole states, metrics
+def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
+    the actions given. logp, ref_logp: [N] sums of each action's token log-probs. No log Z(s) term (the
+    paper drops it; Theorem 3.2 shows the minimiser still improves on pi_ref), no clipping, no length
+    normalisation."""
+    if not logp.shape == ref_logp.shape == advantages.shape:
+        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, "
+                         f"advantages {tuple(advantages.shape)}")
+    log_ratio = logp - ref_logp  # [N]
+    return 0.5 * ((advantages / beta - log_ratio) ** 2).mean()
+
+
 def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list[int]]:
     """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
     batch_actions actions. The same batches for any number of ranks, so the optimizer steps and the
@@ -293,6 +271,25 @@ def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int
     backward passes, the collectives of FSDP (a gather of each layer's parameters in every pass) and DDP match."""
     mine = [pack(batch[r::world_size], sizes, limit) for r in range(world_size)]
     return mine[rank] + [[]] * (max(map(len, mine)) - len(mine[rank]))
+
+
+def step_metrics(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Sums over the actions of a micro-batch, added over micro-batches and ranks, then read by summarize.
+    An action has moved when its log-prob changed by more than 1e-3 in its advantage's direction (less is
+    the rounding noise of a batch padded differently from the one of log pi_ref)."""
+    moved = torch.sign(advantages) * log_ratio > 1e-3
+    return torch.tensor([len(log_ratio), (0.5 * (target - log_ratio) ** 2).sum(), log_ratio.abs().sum(),
+                         log_ratio.sum(), target.sum(), (log_ratio * target).sum(), (log_ratio ** 2).sum(),
+                         (target ** 2).sum(), moved.sum(), (advantages != 0).sum()], dtype=torch.float64)
+
+
+def summarize(sums: list[float]) -> dict:
+    """loss, mean |log ratio|, correlation of log ratio with A/beta, fraction of actions whose log-prob moved
+    in the direction of their advantage (all before this step's update)."""
+    n, loss, abs_lr, sx, sy, sxy, sxx, syy, moved, nonzero = sums
+    cov, var_x, var_y = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+    corr = cov / (var_x * var_y) ** 0.5 if var_x > 1e-10 and var_y > 1e-10 else 0.0  # 0 while pi = pi_ref
+    return {"loss": loss / n, "abs_log_ratio": abs_lr / n, "corr": corr, "moved": moved / max(1.0, nonzero)}
 
 
 @torch.no_grad()
@@ -317,31 +314,37 @@ def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions
     return [{"advantages": s["advantages"], "log_ratios": log_ratios[i]} for i, s in enumerate(train)]
 
 
-# ============================================================================= metrics of a step
-def step_metrics(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """Sums over the actions of a micro-batch, added over micro-batches and ranks, then read by summarize.
-    An action has moved when its log-prob changed by more than 1e-3 in its advantage's direction (less is
-    the rounding noise of a batch padded differently from the one of log pi_ref)."""
-    moved = torch.sign(advantages) * log_ratio > 1e-3
-    return torch.tensor([len(log_ratio), (0.5 * (target - log_ratio) ** 2).sum(), log_ratio.abs().sum(),
-                         log_ratio.sum(), target.sum(), (log_ratio * target).sum(), (log_ratio ** 2).sum(),
-                         (target ** 2).sum(), moved.sum(), (advantages != 0).sum()], dtype=torch.float64)
+# ============================================================================= plumbing
+def on_all_ranks(fn, items: list) -> list:
+    """fn(items), with the items split over the ranks and the results gathered back, in order, on every rank."""
+    if not dist.is_initialized():
+        return fn(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = [None] * world
+    dist.all_gather_object(parts, fn(items[rank::world]))
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
-def summarize(sums: list[float]) -> dict:
-    """loss, mean |log ratio|, correlation of log ratio with A/beta, fraction of actions whose log-prob moved
-    in the direction of their advantage (all before this step's update)."""
-    n, loss, abs_lr, sx, sy, sxy, sxx, syy, moved, nonzero = sums
-    cov, var_x, var_y = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
-    corr = cov / (var_x * var_y) ** 0.5 if var_x > 1e-10 and var_y > 1e-10 else 0.0  # 0 while pi = pi_ref
-    return {"loss": loss / n, "abs_log_ratio": abs_lr / n, "corr": corr, "moved": moved / max(1.0, nonzero)}
+def fingerprint(*paths: str, extra: str = "") -> str:
+    """Changes whenever an input changes: names, sizes and modification times of the files under each path."""
+    entries = [extra]
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**"), recursive=True))
+        entries += [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
+                    for f in files if os.path.isfile(f)]
+        if not files:  # a hub name: the name is all we know
+            entries.append(path)
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
 
 
 # ============================================================================= main
 def main() -> None:
     cfg = parse_config(Config)
     ddp = setup_distributed()
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     if cfg.beta <= 0:
         raise InputError(f"--beta must be positive, got {cfg.beta}")
     states_path = os.path.join(cfg.rollout_dir, "states.jsonl")
@@ -467,9 +470,11 @@ def main() -> None:
         log.append(metrics)
         stop = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < total
         if ddp.is_main:
-            bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}", moved=f"{metrics['moved']:.2f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}",
+                            moved=f"{metrics['moved']:.2f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total):
             save_training_state(ckpt_path, model, optimizer, {"step": step + 1, "log": log, "run_id": run_id})
         if stop:

@@ -30,10 +30,11 @@ import os
 import time
 
 import torch
+from transformers import set_seed
 
 from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
-                    load_tokenizer, parse_config, progress, read_shard, read_shards, run, seed_everything,
-                    setup_distributed, warn_useless_data, write_json_atomic, write_jsonl_atomic)
+                    load_tokenizer, parse_config, progress, read_shard, read_shards, run, setup_distributed,
+                    warn_useless_data, write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import Generation, QuestionConfig, generate, load_questions
 
@@ -137,7 +138,7 @@ def main() -> None:
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
     model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     # Chunks are cut from the whole question list, not from a rank's share, and chunk c has its own seed: what is

@@ -42,7 +42,8 @@ class QuestionConfig:
     question_field: str = arg("question", "field of the question text ('problem' for MATH)")
     answer_field: str = arg("answer", "field of the reference: '#### N' solutions, \\boxed{} solutions or bare answers")
     task: str = arg("math", "math | code: how a response is graded (code: the whole record is the reference problem)")
-    grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic checker, optional)")
+    grader: str = arg("builtin", "math answers: builtin (needs nothing) | math-verify (Hugging Face's symbolic "
+                                 "checker, optional)")
     id_field: str = arg("id", "field of the question id (the line number when the field is absent)")
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_questions: int = arg(0, "use only the first N questions (0: all)")
@@ -82,7 +83,8 @@ class Generation:
     finish: str  # "eos" | "step" (ended by a delimiter token) | "length" (cut by the limit)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] logits -> [B] next tokens; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -240,7 +242,8 @@ def mc_value(correct: list[bool]) -> float:
     return sum(correct) / len(correct)
 
 
-def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torch.Tensor, g: torch.Generator) -> list[dict]:
+def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torch.Tensor,
+                  g: torch.Generator) -> list[dict]:
     """Steps 1-4 of the docstring for a chunk of questions; returns one record per question."""
     eos = tok.eos_token_id
     gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

@@ -142,7 +142,8 @@ def test_batches_hold_whole_states_and_every_rank_runs_as_many_micro_batches():
     ('{"qid": "a", "state_ids": [1, 2], "actions": [{"ids": [3], "terminal": false}]}\n{"qid": "b", "state_ids": [1]',
      "line 2: not valid JSON"),
     ('{"qid": "a", "actions": []}', "line 1: missing field(s) state_ids"),
-    ('{"qid": "a", "state_ids": [1], "actions": [{"ids": [3], "terminal": true, "reward": null}]}', "line 1: an action that ends"),
+    ('{"qid": "a", "state_ids": [1], "actions": [{"ids": [3], "terminal": true, "reward": null}]}',
+     "line 1: an action that ends"),
     ('{"qid": "a", "state_ids": [1], "actions": [{"ids": "3", "terminal": false}]}', "line 1: every action needs"),
     ('{"qid": "a", "state_ids": [], "actions": [{"ids": [3], "terminal": false}]}', "line 1: state_ids must be"),
     ("", "the file is empty"),
@@ -163,8 +164,8 @@ def toy_critic(toy_dir, toy_rollout, tmp_path_factory):
     """A real critic (critic.py) trained briefly on the tiny rollout."""
     out = tmp_path_factory.mktemp("critic") / "critic"
     run_script("critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"), "--out_dir", str(out),
-               "--batch_size", "8", "--micro_batch_size", "8", "--lr", "1e-3", "--epochs", "1", "--heldout_fraction", "0",
-               env=ONE_THREAD)
+               "--batch_size", "8", "--micro_batch_size", "8", "--lr", "1e-3", "--epochs", "1",
+               "--heldout_fraction", "0", env=ONE_THREAD)
     return out
 
 
@@ -404,8 +405,8 @@ def test_bad_input_stops_with_one_line_and_writes_nothing(toy_dir, toy_rollout, 
     bad.mkdir()
     lines = open(toy_rollout / "states.jsonl").read().splitlines()
     (bad / "states.jsonl").write_text(lines[0] + "\n" + lines[1][:-5] + "\n")
-    proc = run_script("dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic), "--rollout_dir", str(bad),
-                      "--out_dir", str(tmp_path / "actor"), check=False, env=ONE_THREAD)
+    proc = run_script("dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic),
+                      "--rollout_dir", str(bad), "--out_dir", str(tmp_path / "actor"), check=False, env=ONE_THREAD)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {bad / 'states.jsonl'} line 2")
     assert sorted(os.listdir(tmp_path)) == ["rollout"]

@@ -36,10 +36,11 @@ import time
 
 import torch
 from tqdm import tqdm
+from transformers import set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from common import (DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run,  # noqa: E402
-                    seed_everything, write_jsonl_atomic)
+                    write_jsonl_atomic)
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
 NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts by naming the question's operation
@@ -194,7 +195,7 @@ def main() -> None:
     global CFG
     CFG = parse_config(Config)
     t0 = time.time()
-    seed_everything(CFG.seed)
+    set_seed(CFG.seed)
     os.makedirs(CFG.out_dir, exist_ok=True)
     train = make_split(CFG.num_train, CFG.seed + 1)
     test = make_split(CFG.num_test, CFG.seed + 2, exclude={r["question"] for r in train})
