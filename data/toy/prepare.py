@@ -35,12 +35,11 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import (DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config, run,  # noqa: E402
-                    write_jsonl_atomic)
+from common import (DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config,  # noqa: E402
+                    progress, run, write_jsonl_atomic)
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
 NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts by naming the question's operation
@@ -173,7 +172,7 @@ def warm_start(model, tok) -> None:
     steps = CFG.sft_examples // CFG.sft_batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=CFG.sft_lr, weight_decay=0.0)
     model.train()
-    bar = tqdm(range(steps), desc="warm start (SFT)")
+    bar = progress(range(steps), desc="warm start (SFT)")
     for step in bar:
         ids, attn, loss_mask = sft_batch(tok, rng, CFG.sft_batch_size)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T-1, V]
@@ -188,6 +187,7 @@ def warm_start(model, tok) -> None:
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    print(f"warm start: {steps} steps, last loss {loss.item():.3f}")
     model.eval()
 
 
