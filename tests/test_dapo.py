@@ -266,8 +266,11 @@ def test_training_raises_positive_advantage_actions_over_negative(actor, toy_dir
     fit = [json.loads(line) for line in open(out / "fit.jsonl")]
     assert [f["advantages"] for f in fit] == [t["advantages"] for t in prepared["train"]]
     assert [r for f in fit for r in f["log_ratios"]] == pytest.approx([lp - r for lp, r in zip(logp, ref)], abs=1e-4)
+    # after_training is eq. 12's loss (and the correlation) over those log ratios, towards A / beta (beta 0.1).
     after = json.load(open(out / "train_summary.json"))["after_training"]
-    assert after["corr"] > 0 and after["loss"] < read_log(out)[0]["loss"]  # closer to A / beta than pi_ref was
+    pairs = [(r, a / 0.1) for f in fit for r, a in zip(f["log_ratios"], f["advantages"])]
+    assert after["loss"] == pytest.approx(sum(0.5 * (t - r) ** 2 for r, t in pairs) / len(pairs), rel=1e-6)
+    assert after["corr"] > 0
 
 
 def test_q_from_the_rollout_needs_no_critic(toy_dir, toy_rollout, tmp_path):
