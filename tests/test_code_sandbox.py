@@ -256,15 +256,22 @@ def test_writing_outside_its_directory_fails(tmp_path):
     assert not target.exists()
 
 
-def test_the_callers_environment_is_not_visible(monkeypatch):
-    monkeypatch.setenv("DAPO_TEST_SECRET", "hunter2")
+def test_the_callers_environment_is_not_visible():
     program = ("import glob, os\n"
                "seen = [os.environ.get('DAPO_TEST_SECRET', '')]\n"
                "for path in glob.glob('/proc/*/environ'):  # the parent's, too, when it can be read\n"
                "    try:\n        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
                "    except OSError:\n        pass\n"
                "assert any('hunter2' in text for text in seen)\n" + SHARED_CODE)
-    assert not is_correct_code(PY(program), SHARED, FAST)
+    # /proc/PID/environ shows the environment a process started with, so the grader runs in a process that
+    # starts with the secret (set in this process, it would be in os.environ only). Control: that process can
+    # read the secret in its own /proc/self/environ, so a program that saw the parent's would pass.
+    grade = ("import json, sys, grading\n"
+             "program, problem = json.loads(sys.argv[1])\n"
+             "print(b'hunter2' in open('/proc/self/environ', 'rb').read(),\n"
+             "      grading.is_correct_code(program, problem, grading.SandboxLimits(timeout=2.0)))")
+    proc = run_script("-c", grade, json.dumps([PY(program), SHARED]), env={"DAPO_TEST_SECRET": "hunter2"})
+    assert proc.stdout.split() == ["True", "False"]
 
 
 @pytest.mark.parametrize("leave", ["import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit"])
