@@ -4,8 +4,8 @@
 # Iteration 1 also trains an actor without a critic on the same rollout (dapo.py --q_source rollout: Q from
 # one graded completion per candidate), the ablation that shows what the critic is for.
 #
-#   bash demo.sh                 # the full demo in runs/toy (about 6 minutes on 2 CPU cores)
-#   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a one-minute check that the pipeline runs
+#   bash demo.sh                 # the full demo in runs/toy (6-13 minutes on 2 CPU cores)
+#   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a 1-2 minute check that it runs
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   OUT=runs/other bash demo.sh  # another output folder
 #
