@@ -611,7 +611,7 @@ class SharedPrefixRows:
         if implementation == "eager":
             return torch.zeros(self.allowed.shape, device=self.allowed.device).masked_fill(
                 ~self.allowed, torch.finfo(torch.float32).min)  # [B, 1, W, W]
-        raise ValueError(f"attn_implementation={implementation!r}: shared-prefix rows need a custom 4-D attention "
+        raise InputError(f"attn_implementation={implementation!r}: shared-prefix rows need a custom 4-D attention "
                          "mask, which only 'sdpa' and 'eager' take; load the model with attn_implementation='sdpa'")
 
 

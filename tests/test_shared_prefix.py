@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import critic as C
 import dapo
-from common import enable_checkpointing, shared_prefix_rows
+from common import InputError, enable_checkpointing, shared_prefix_rows
 
 VOCAB = 40
 
@@ -148,7 +148,7 @@ def test_flash_attention_is_refused_with_a_clear_error():
     states, actions = random_states()
     model, critic = tiny_policy("sdpa"), tiny_critic("sdpa")
     model.config._attn_implementation = critic.backbone.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="only 'sdpa' and 'eager'"):
+    with pytest.raises(InputError, match="only 'sdpa' and 'eager'"):
         dapo.action_logps(model, states, actions)
-    with pytest.raises(ValueError, match="only 'sdpa' and 'eager'"):
+    with pytest.raises(InputError, match="only 'sdpa' and 'eager'"):
         C.action_values(critic, list(zip(states, actions)))
