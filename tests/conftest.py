@@ -60,3 +60,27 @@ def assert_sharded_in_two(stdout: str) -> None:
     assert len(ranks) == 2 and sum(p for p, _, _ in ranks) == total
     for params, grads, state in ranks:
         assert 0.45 * total <= params <= 0.55 * total and grads == params and state == 2 * params, (total, ranks)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on 2 cores: one torch thread per test process (restored afterwards)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_random_llama(vocab: int = 48, seed: int = 0):
+    """A two-layer Llama with random weights, built in memory: a real transformers model and cache (so
+    generate's preallocated cache, row copies and compaction all run) in a fraction of a second."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.5)  # large weights: clear argmax margins, greedy is well defined
+    return LlamaForCausalLM(config).eval()

@@ -7,23 +7,13 @@ import random
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, tiny_random_llama
 
 import dapo
 from common import load_causal_lm
 from rollout import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def tiny_llama(seed: int = 0, vocab: int = 48):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5)  # large weights: clear argmax margins, greedy is well defined
-    return LlamaForCausalLM(config).eval()
 
 
 def test_greedy_generation_on_the_gpu_matches_the_cpu():
@@ -33,14 +23,14 @@ def test_greedy_generation_on_the_gpu_matches_the_cpu():
     distinct = [[rng.randrange(2, 48) for _ in range(n)] for n in (3, 9, 5)]
     prompts = [distinct[i] for i in (0, 1, 0, 2, 1, 0)]
     kw = dict(eos_id=1, pad_id=0, max_new_tokens=12, temperature=0.0, batch_size=4, vocab_size=48)
-    model = tiny_llama()
+    model = tiny_random_llama()
     cpu = generate(model, prompts, **kw)
     gpu = generate(model.to("cuda"), prompts, **kw)
     assert [g.ids for g in gpu] == [c.ids for c in cpu] and [g.finish for g in gpu] == [c.finish for c in cpu]
 
 
 def test_bf16_sampling_on_the_gpu_stays_in_the_vocabulary():
-    model = tiny_llama(vocab=56).to("cuda", torch.bfloat16)  # 8 embedding rows beyond a 48-token tokenizer
+    model = tiny_random_llama(vocab=56).to("cuda", torch.bfloat16)  # 8 embedding rows beyond a 48-token tokenizer
     g = torch.Generator("cuda").manual_seed(0)
     out = generate(model, [[5, 6, 7]] * 8 + [[9]] * 8, eos_id=1, pad_id=0, max_new_tokens=10, temperature=1.0,
                    top_p=0.9, generator=g, vocab_size=48)
@@ -48,7 +38,7 @@ def test_bf16_sampling_on_the_gpu_stays_in_the_vocabulary():
 
 
 def test_shared_prefix_log_probs_under_bf16_autocast_match_fp32():
-    model = tiny_llama(seed=1)
+    model = tiny_random_llama(seed=1)
     states = [[3, 4, 5, 6, 7, 8], [9, 10], [11, 12, 13]]
     actions = [[[20, 21], [22], [23, 24, 25]], [[26, 27, 28, 29]], [[30], [31, 32]]]
     exact = dapo.action_logps(model, states, actions)  # [6] fp32 on the CPU

@@ -186,12 +186,7 @@ def actor(toy_dir, toy_rollout, toy_critic, tmp_path_factory):
     return out, proc
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def action_logp(model, state_ids, action_ids) -> float:

@@ -22,7 +22,7 @@ import common
 import grading
 import rollout
 from common import DEFAULT_INSTRUCTION, build_prompt_ids, delimiter_token_mask, split_steps
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tiny_random_llama
 from rollout import Config, generate, mc_value, rollout_chunk, select_balanced
 
 
@@ -358,18 +358,6 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     cut = generate(model, prompts, batch_size=len(prompts), **{**kw, "max_new_tokens": 3})
     for r, full in zip(cut, reference):
         assert r.ids == full[:3] and r.finish == ("length" if len(full) > 3 or full[-1] != tok.eos_token_id else "eos")
-
-
-def tiny_random_llama(vocab: int = 48, seed: int = 0):
-    """A two-layer Llama with random weights, built in memory: a real transformers model and cache (so
-    generate's preallocated cache, row copies and compaction all run) in a fraction of a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.5)  # large weights: clear argmax margins, greedy is well defined
-    return LlamaForCausalLM(config).eval()
 
 
 def test_repeated_prompts_prefilled_once_match_each_prompt_alone():

@@ -12,12 +12,7 @@ from common import InputError, enable_checkpointing, shared_prefix_rows
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(attn: str) -> LlamaConfig:
