@@ -45,11 +45,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import set_seed
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_model_path, check_rerun, check_shardable,
-                    cleanup_distributed, clip_gradients, distribute, enable_checkpointing, finalize_dir,
-                    full_state_dict, held_per_rank, load_pretrained, load_tokenizer, load_training_state, lr_at, pack,
-                    parse_config, progress, read_jsonl, run, save_training_state, setup_distributed, shared_prefix_rows,
-                    sync_gradients, training_meta, warn_useless_data, write_json_atomic)
+from plumbing.checkpoints import full_state_dict, load_training_state, save_training_state, training_meta
+from plumbing.cli import arg, InputError, parse_config, progress, run
+from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
+                                  setup_distributed, sync_gradients)
+from plumbing.models import (autocast, check_model_path, check_shardable, enable_checkpointing, load_pretrained,
+                             load_tokenizer)
+from plumbing.runfiles import check_rerun, finalize_dir, read_jsonl, warn_useless_data, write_json_atomic
+from plumbing.shared_prefix import pack, shared_prefix_rows
+from plumbing.trainer import lr_at
 
 HEAD_FILE = "value_head.pt"
 
@@ -83,7 +87,7 @@ class Config:
 
 
 # Settings a rerun may change (where the output goes, speed, logging): none of them changes the critic trained.
-# Any other change is refused (common.check_rerun).
+# Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "log_every",
                   "checkpoint_every", "stop_after")
 
@@ -115,7 +119,7 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_logits: bool = False,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] token ids -> [B, T]: V of the prefix ending at every position (logits of V if asked). The
-        mask is a [B, T] padding mask, or a 4-D mask with its position ids (common.shared_prefix_rows)."""
+        mask is a [B, T] padding mask, or a 4-D mask with its position ids (plumbing.shared_prefix)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state  # [B, T, H]
         logits = self.value_head(hidden).squeeze(-1)  # [B, T]
@@ -182,7 +186,7 @@ def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]
                   batch_actions: int = 64) -> list[list[float]]:
     """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
     (V(s) for an empty action). Each state is read once, its actions packed after it in one row
-    (common.shared_prefix_rows); whole states of similar length share a forward pass of about batch_actions
+    (plumbing.shared_prefix); whole states of similar length share a forward pass of about batch_actions
     actions."""
     device = next(critic.parameters()).device
     was_training = critic.training

@@ -18,7 +18,7 @@ completions):
   6. The actor is saved as a Hugging Face model directory: rollout.py and eval.py load it as the next policy,
      with fit.jsonl: log(pi_theta / pi_ref) of every training action after training, beside its advantage.
 Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
-attending to the state and to itself (common.shared_prefix_rows), instead of one row per (state, candidate).
+attending to the state and to itself (plumbing.shared_prefix), instead of one row per (state, candidate).
 
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
@@ -51,8 +51,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
-import glob
-import hashlib
 import json
 import os
 import shutil
@@ -63,11 +61,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import set_seed
 
-from common import (InputError, all_ranks_sum, arg, autocast, check_rerun, check_shardable, cleanup_distributed,
-                    clip_gradients, distribute, enable_checkpointing, finalize_dir, full_state_dict, held_per_rank,
-                    load_causal_lm, load_checkpoint, load_tokenizer, load_training_state, lr_at, pack, parse_config,
-                    progress, read_jsonl, run, save_checkpoint, save_training_state, setup_distributed,
-                    shared_prefix_rows, sync_gradients, training_meta, warn_useless_data, write_json_atomic)
+from plumbing.checkpoints import full_state_dict, load_training_state, save_training_state, training_meta
+from plumbing.cli import arg, InputError, parse_config, progress, run
+from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
+                                  on_all_ranks, setup_distributed, sync_gradients)
+from plumbing.models import autocast, check_shardable, enable_checkpointing, load_causal_lm, load_tokenizer
+from plumbing.runfiles import (check_rerun, finalize_dir, fingerprint, load_checkpoint, read_jsonl, save_checkpoint,
+                               warn_useless_data, write_json_atomic)
+from plumbing.shared_prefix import pack, shared_prefix_rows
+from plumbing.trainer import lr_at
 from critic import action_values, load_critic
 
 
@@ -103,7 +105,7 @@ class Config:
 
 
 # Settings a rerun may change (where the output goes, speed, logging): none of them changes the actor trained.
-# Any other change is refused (common.check_rerun).
+# Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
                   "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
 
@@ -210,7 +212,7 @@ def action_logps(model, states: list[list[int]], actions: list[list[list[int]]])
     are the candidates of states[i]): [N], the actions in order.
 
     Each state is read once: one row per state holds the state and then all its actions, each action seeing
-    the state and itself (common.shared_prefix_rows). In training the gradient of every action flows into the
+    the state and itself (plumbing.shared_prefix). In training the gradient of every action flows into the
     state's tokens too, as it would through the sequence state . action. Rows are left-padded, so only the
     logits of the last K + 1 columns are computed (K = the most action tokens of a row): [B, K + 1, V]."""
     device = next(model.parameters()).device
@@ -315,29 +317,6 @@ def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions
 
 
 # ============================================================================= plumbing
-def on_all_ranks(fn, items: list) -> list:
-    """fn(items), with the items split over the ranks and the results gathered back, in order, on every rank."""
-    if not dist.is_initialized():
-        return fn(items)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    parts = [None] * world
-    dist.all_gather_object(parts, fn(items[rank::world]))
-    out = [None] * len(items)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-def fingerprint(*paths: str, extra: str = "") -> str:
-    """Changes whenever an input changes: names, sizes and modification times of the files under each path."""
-    entries = [extra]
-    for path in paths:
-        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**"), recursive=True))
-        entries += [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
-                    for f in files if os.path.isfile(f)]
-        if not files:  # a hub name: the name is all we know
-            entries.append(path)
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
 
 
 # ============================================================================= main

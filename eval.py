@@ -32,11 +32,14 @@ import time
 import torch
 from transformers import set_seed
 
-from common import (InputError, append_jsonl, arg, barrier, check_rerun, cleanup_distributed, load_causal_lm,
-                    load_tokenizer, parse_config, progress, read_shard, read_shards, run, setup_distributed,
-                    warn_useless_data, write_json_atomic, write_jsonl_atomic)
+from plumbing.cli import arg, InputError, parse_config, progress, run
+from plumbing.distributed import barrier, cleanup_distributed, setup_distributed
+from plumbing.models import load_causal_lm, load_tokenizer
+from plumbing.runfiles import (append_jsonl, check_rerun, read_shard, read_shards, warn_useless_data,
+                               write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
-from rollout import Generation, QuestionConfig, generate, load_questions
+from rollout import QuestionConfig, load_questions
+from plumbing.generation import generate, Generation
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 sequence at a time, on the same model and prompts, in one run.
 
   1. Prompts: the first questions of --data, each repeated (as the generator samples n1 per question).
-  2. Batched: rollout.generate with --batch_size sequences per batch, temperature 1, KV cache, left padding.
+  2. Batched: generation.generate with --batch_size sequences per batch, temperature 1, KV cache, left padding.
      The engine prefills each distinct prompt of a batch once, so the repetition in 1 saves prefill time
      (--samples_per_question 1 measures distinct prompts only).
   3. One at a time: the same engine with batch_size=1 (no padding at all) on the first --single_sequences
@@ -22,8 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import arg, build_prompt_ids, load_causal_lm, load_tokenizer, parse_config, read_jsonl, run  # noqa: E402
-from rollout import generate  # noqa: E402
+from plumbing.cli import arg, parse_config, run  # noqa: E402
+from plumbing.models import build_prompt_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from plumbing.runfiles import read_jsonl  # noqa: E402
+from plumbing.generation import generate  # noqa: E402
 
 
 @dataclasses.dataclass

@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import critic as C  # noqa: E402
 import dapo  # noqa: E402
-from common import arg, load_causal_lm, pack, parse_config, run  # noqa: E402
+from plumbing.cli import arg, parse_config, run  # noqa: E402
+from plumbing.models import load_causal_lm  # noqa: E402
+from plumbing.shared_prefix import pack  # noqa: E402
 
 
 @dataclasses.dataclass

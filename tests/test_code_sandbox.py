@@ -13,11 +13,12 @@ import torch
 from conftest import run_script
 
 import grading
+from plumbing import sandbox
 import rollout
 from eval import Config as EvalConfig, grade_question, print_table, summarize
-from grading import (CODE_INSTRUCTION, SandboxLimits, code_question, extract_code, grade_batch, is_correct_code,
-                     run_sandboxed)
-from rollout import Generation
+from grading import CODE_INSTRUCTION, code_question, extract_code, grade_batch, is_correct_code
+from plumbing.sandbox import run_sandboxed, SandboxLimits
+from plumbing.generation import Generation
 
 FAST = SandboxLimits(timeout=2.0)  # hostile programs are stopped within seconds
 
@@ -201,7 +202,7 @@ def sandbox_user_processes() -> int:
         except OSError:
             continue
         uid = int(re.search(r"^Uid:\s+(\d+)", status, re.MULTILINE).group(1))
-        count += uid == grading.SANDBOX_USER and re.search(r"^State:\s+Z", status, re.MULTILINE) is None
+        count += uid == sandbox.SANDBOX_USER and re.search(r"^State:\s+Z", status, re.MULTILINE) is None
     return count
 
 
@@ -216,7 +217,7 @@ def test_identity_environment_limits_and_a_fresh_directory(monkeypatch):
     monkeypatch.setenv("DAPO_TEST_SECRET", "hunter2")
     first, second = probe(), probe()
     if os.geteuid() == 0:  # the kernel does not limit root's processes: the program must not be root
-        assert (first["uid"], first["gid"], first["groups"]) == (grading.SANDBOX_USER, grading.SANDBOX_USER, [])
+        assert (first["uid"], first["gid"], first["groups"]) == (sandbox.SANDBOX_USER, sandbox.SANDBOX_USER, [])
         assert first["limits"]["RLIMIT_NPROC"] == FAST.processes
     assert first["limits"]["RLIMIT_AS"] == FAST.memory_mb << 20
     assert first["limits"]["RLIMIT_FSIZE"] == FAST.file_mb << 20
@@ -269,7 +270,7 @@ def test_the_callers_environment_is_not_visible():
     grade = ("import json, sys, grading\n"
              "program, problem = json.loads(sys.argv[1])\n"
              "print(b'hunter2' in open('/proc/self/environ', 'rb').read(),\n"
-             "      grading.is_correct_code(program, problem, grading.SandboxLimits(timeout=2.0)))")
+             "      grading.is_correct_code(program, problem, sandbox.SandboxLimits(timeout=2.0)))")
     proc = run_script("-c", grade, json.dumps([PY(program), SHARED]), env={"DAPO_TEST_SECRET": "hunter2"})
     assert proc.stdout.split() == ["True", "False"]
 

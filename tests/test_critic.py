@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import critic as C
-from common import InputError, load_tokenizer, training_meta
+from plumbing.checkpoints import training_meta
+from plumbing.cli import InputError
+from plumbing.models import load_tokenizer
 from conftest import assert_sharded_in_two, run_script
 
 # 4 steps (2 per epoch) of 8 solutions in micro-batches of 2: 4 micro-steps in one process, 2 per rank in two.

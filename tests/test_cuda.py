@@ -10,8 +10,8 @@ import torch
 from conftest import run_script, tiny_random_llama
 
 import dapo
-from common import load_causal_lm
-from rollout import generate
+from plumbing.models import load_causal_lm
+from plumbing.generation import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -73,7 +73,7 @@ def test_every_script_runs_on_the_gpu(toy_dir, tmp_path):
 
 def test_fsdp_mixed_precision_with_one_rank(toy_dir, toy_rollout, tmp_path):
     # torchrun with one rank and --fsdp true: bf16 compute, fp32 master weights and reduction (the
-    # MixedPrecisionPolicy of common.distribute), a sharded checkpoint, and a saved actor in fp32.
+    # MixedPrecisionPolicy of distributed.distribute), a sharded checkpoint, and a saved actor in fp32.
     critic = tmp_path / "critic"
     run_script("torchrun", "--nproc_per_node=1", "critic.py", "--rollout_dir", str(toy_rollout), "--init",
                str(toy_dir / "sft"), "--out_dir", str(critic), "--batch_size", "8", "--micro_batch_size", "4",

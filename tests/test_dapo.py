@@ -12,9 +12,12 @@ import torch
 
 import critic as critic_lib
 import dapo
-from common import InputError, load_causal_lm, load_checkpoint, load_tokenizer, training_meta
+from plumbing.checkpoints import training_meta
+from plumbing.cli import InputError
+from plumbing.models import load_causal_lm, load_tokenizer
+from plumbing.runfiles import load_checkpoint
 from conftest import assert_sharded_in_two, run_script
-from rollout import generate
+from plumbing.generation import generate
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads that fight over shared cores
 # The toy rollout keeps 38 states of 4 actions: batches of 148 actions are 37 states and then 1, so on two ranks

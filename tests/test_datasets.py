@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from common import DEFAULT_INSTRUCTION, InputError
+from plumbing.cli import InputError
+from plumbing.models import DEFAULT_INSTRUCTION
 from grading import grade_batch, reference_answer
 from rollout import Config, load_questions
 
@@ -122,7 +123,7 @@ def test_math_verify_grader_is_optional_and_symbolic(tmp_path, monkeypatch):
 
 
 def test_max_prompt_tokens_skips_long_questions_and_never_truncates(tmp_path):
-    from common import InputError
+    from plumbing.cli import InputError
     from rollout import Config, load_questions
 
     class Tok:  # one token per character: prompt length is easy to reason about

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import common
+from plumbing import cli, distributed, runfiles
 import eval as eval_script
 import rollout
 from conftest import run_script
@@ -18,7 +18,7 @@ LATE_RANK = """
 import sys, time
 sys.path.insert(0, ".")
 import torch.distributed as dist
-from common import setup_distributed
+from plumbing.distributed import setup_distributed
 if setup_distributed().rank == 1:
     time.sleep(20)
 dist.barrier()
@@ -26,21 +26,21 @@ dist.barrier()
 
 
 def test_timeout_setting_is_read_from_the_environment(monkeypatch):
-    monkeypatch.delenv(common.DIST_TIMEOUT_VARIABLE, raising=False)
-    assert common.dist_timeout() == datetime.timedelta(minutes=180)
-    monkeypatch.setenv(common.DIST_TIMEOUT_VARIABLE, "2.5")
-    assert common.dist_timeout() == datetime.timedelta(minutes=2.5)
+    monkeypatch.delenv(distributed.DIST_TIMEOUT_VARIABLE, raising=False)
+    assert distributed.dist_timeout() == datetime.timedelta(minutes=180)
+    monkeypatch.setenv(distributed.DIST_TIMEOUT_VARIABLE, "2.5")
+    assert distributed.dist_timeout() == datetime.timedelta(minutes=2.5)
     for bad in ("0", "-3", "ten", "nan", "inf"):
-        monkeypatch.setenv(common.DIST_TIMEOUT_VARIABLE, bad)
-        with pytest.raises(common.InputError, match=common.DIST_TIMEOUT_VARIABLE):
-            common.dist_timeout()
+        monkeypatch.setenv(distributed.DIST_TIMEOUT_VARIABLE, bad)
+        with pytest.raises(cli.InputError, match=distributed.DIST_TIMEOUT_VARIABLE):
+            distributed.dist_timeout()
 
 
 def test_timeout_reaches_the_process_group(tmp_path):
     (tmp_path / "late_rank.py").write_text(LATE_RANK)
     start = time.time()
     proc = run_script("torchrun", "--standalone", "--nproc_per_node=2", str(tmp_path / "late_rank.py"),
-                      env={common.DIST_TIMEOUT_VARIABLE: "0.05", "OMP_NUM_THREADS": "1"}, check=False)
+                      env={distributed.DIST_TIMEOUT_VARIABLE: "0.05", "OMP_NUM_THREADS": "1"}, check=False)
     assert proc.returncode != 0 and "Timed out waiting 3000ms" in proc.stderr, proc.stderr[-3000:]
     assert time.time() - start < 60
 
@@ -63,13 +63,13 @@ def test_eval_rerun_after_a_tear_down_at_the_last_collective_only_merges(toy_dir
 
     monkeypatch.setattr(eval_script, "barrier", barrier_that_times_out)
     with pytest.raises(RuntimeError, match="Timed out"):
-        common.run(eval_script.main)
-    saved = [r for line in common.read_shards(str(out)) for r in line["records"]]
+        cli.run(eval_script.main)
+    saved = [r for line in runfiles.read_shards(str(out)) for r in line["records"]]
     assert len(saved) == 5 and not (out / "summary.json").exists()  # the shard was complete before the collective
 
-    monkeypatch.setattr(eval_script, "barrier", common.barrier)
+    monkeypatch.setattr(eval_script, "barrier", distributed.barrier)
     monkeypatch.setattr(eval_script, "generate", never_generate)
-    common.run(eval_script.main)
+    cli.run(eval_script.main)
     assert [json.loads(line) for line in open(out / "responses.jsonl")] == saved
     assert json.load(open(out / "summary.json"))["num_questions"] == 5
 
@@ -84,7 +84,7 @@ def test_rollout_rerun_over_complete_shards_only_merges(toy_dir, toy_rollout, tm
                                       "--max_questions", "12", "--n1", "4", "--n_keep", "2", "--M", "4",
                                       "--max_new_tokens", "40", "--questions_per_chunk", "6"])
     monkeypatch.setattr(rollout, "generate", never_generate)
-    common.run(rollout.main)
+    cli.run(rollout.main)
     for name in ("states.jsonl", "solutions.jsonl"):
         assert (out / name).read_bytes() == (toy_rollout / name).read_bytes()
     assert json.load(open(out / "summary.json"))["tokens_this_run"] == 0

@@ -13,11 +13,13 @@ import pytest
 import torch
 from conftest import ROOT, run_script
 
-import common
+from plumbing import cli, runfiles
 import eval as eval_script
-from common import build_prompt_ids, load_causal_lm, load_tokenizer, parse_config, read_jsonl
+from plumbing.cli import parse_config
+from plumbing.models import build_prompt_ids, load_causal_lm, load_tokenizer
+from plumbing.runfiles import read_jsonl
 from eval import RESUME_IGNORES, Config, majority_answer
-from rollout import generate
+from plumbing.generation import generate
 
 N, K, MAX_NEW_TOKENS = 7, 3, 40  # an odd number of questions: two ranks get unequal shares
 SUMMARY_FIELDS = {"greedy_acc", "sampled_acc", "pass@k", "maj@k", "num_questions", "k", "temperature", "seconds",
@@ -107,7 +109,8 @@ def test_torchrun_two_processes_cover_every_question_once(toy_dir, one_process, 
 # per question, so a real kill often lands there).
 HANG_IN_THE_5TH_GRADING = """
 import sys, time
-import common, eval
+import eval
+from plumbing import cli
 grade, calls = eval.grade_question, []
 def announced_grade(*args, **kwargs):
     calls.append(1)
@@ -117,7 +120,7 @@ def announced_grade(*args, **kwargs):
     return grade(*args, **kwargs)
 eval.grade_question = announced_grade
 sys.argv[0] = "eval.py"
-common.run(eval.main)
+cli.run(eval.main)
 """
 
 
@@ -162,13 +165,13 @@ def test_resume_with_settings_that_change_the_draws_is_refused(toy_dir, tmp_path
     args = ["eval.py", "--model", str(toy_dir / "sft"), "--data", str(toy_dir / "test.jsonl"), "--out_dir", str(out),
             "--max_questions", str(N), "--k", str(K)]
     out.mkdir()
-    common.check_rerun(parse_config(Config, args[1:]), str(out), str(out / "summary.json"), str(out / "settings.json"),
-                       [], RESUME_IGNORES, True)  # records the settings of that run
+    runfiles.check_rerun(parse_config(Config, args[1:]), str(out), str(out / "summary.json"),
+                         str(out / "settings.json"), [], RESUME_IGNORES, True)  # records the settings of that run
     (out / "shard-0.jsonl").write_text('{"chunk": 0, "records": []}\n')  # unfinished work of that run
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(sys, "argv", args + list(change))
     with pytest.raises(SystemExit) as exit_info:
-        common.run(eval_script.main)
+        cli.run(eval_script.main)
     assert exit_info.value.code == 2 and f"{change[0]} " in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 

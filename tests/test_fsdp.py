@@ -7,18 +7,20 @@ import pytest
 import torch
 
 import critic as C
-from common import decoder_layers, load_causal_lm
+from plumbing.distributed import decoder_layers
+from plumbing.models import load_causal_lm
 from conftest import assert_sharded_in_two, run_script
 
 # Runs critic.py or dapo.py in a process whose Llama classes declare no decoder layers, as an unknown
-# architecture would: `common.run` must turn the refusal into one line and exit status 2.
+# architecture would: `cli.run` must turn the refusal into one line and exit status 2.
 UNSHARDABLE = """
 import sys
 from transformers.models.llama import modeling_llama
 modeling_llama.LlamaPreTrainedModel._no_split_modules = None
-import common, {script}
+import {script}
+from plumbing import cli
 sys.argv = {argv!r}
-common.run({script}.main)
+cli.run({script}.main)
 """
 
 

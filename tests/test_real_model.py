@@ -38,12 +38,13 @@ LOAD_WITHOUT_GGUF = """
 import sys
 sys.modules["gguf"] = None  # import gguf now raises ImportError
 sys.modules["accelerate"] = None
-import torch, common, critic
-tok = common.load_tokenizer(sys.argv[1])
-policy = common.load_causal_lm(sys.argv[1], torch.device("cpu"))
+import torch, critic
+from plumbing import generation, models
+tok = models.load_tokenizer(sys.argv[1])
+policy = models.load_causal_lm(sys.argv[1], torch.device("cpu"))
 value = critic.load_critic(sys.argv[2], torch.device("cpu"))
-ids = torch.tensor([common.build_prompt_ids(tok, "What is 2+3?")])
-logits, _ = common.lm_forward(policy, ids, torch.ones_like(ids))
+ids = torch.tensor([models.build_prompt_ids(tok, "What is 2+3?")])
+logits, _ = generation.lm_forward(policy, ids, torch.ones_like(ids))
 v = value(ids, torch.ones_like(ids))
 assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all(), logits.shape
 assert v.shape == ids.shape and ((v > 0) & (v < 1)).all(), v
@@ -65,46 +66,46 @@ def smollm2_gguf() -> str:
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(the GGUF file, the same model dequantised once into a Hugging Face directory)."""
-    import common
+    from plumbing import models
 
     gguf = smollm2_gguf()
     out = tmp_path_factory.mktemp("smollm2") / "base"
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
-        common.materialize_gguf(gguf, str(out))
+        models.materialize_gguf(gguf, str(out))
     assert str(out) in said.getvalue()  # it says where it wrote
     return gguf, out
 
 
 def test_a_missing_gguf_file_is_named_as_a_model_file(tmp_path):
-    import common
+    from plumbing import cli, models
 
-    for load in (common.load_tokenizer, lambda path: common.load_causal_lm(path, "cpu")):
-        with pytest.raises(common.InputError, match="model.Q8_0.gguf: GGUF model file does not exist"):
+    for load in (models.load_tokenizer, lambda path: models.load_causal_lm(path, "cpu")):
+        with pytest.raises(cli.InputError, match="model.Q8_0.gguf: GGUF model file does not exist"):
             load(str(tmp_path / "model.Q8_0.gguf"))
 
 
 def test_prompt_uses_the_models_chat_template(smollm2):
-    import common
+    from plumbing import models
 
-    tok = common.load_tokenizer(str(smollm2[1]))
-    ids = common.build_prompt_ids(tok, "What is 2+3?")
+    tok = models.load_tokenizer(str(smollm2[1]))
+    ids = models.build_prompt_ids(tok, "What is 2+3?")
     text = tok.decode(ids)
     # SmolLM2's template: a system turn, the user turn, then the opening of the assistant turn to continue.
     assert text.startswith("<|im_start|>system\n")
-    assert "<|im_start|>user\nWhat is 2+3?\n" + common.DEFAULT_INSTRUCTION + "<|im_end|>" in text
+    assert "<|im_start|>user\nWhat is 2+3?\n" + models.DEFAULT_INSTRUCTION + "<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
-    assert ids == tok.apply_chat_template([{"role": "user", "content": "What is 2+3?\n" + common.DEFAULT_INSTRUCTION}],
+    assert ids == tok.apply_chat_template([{"role": "user", "content": "What is 2+3?\n" + models.DEFAULT_INSTRUCTION}],
                                           add_generation_prompt=True, tokenize=True)["input_ids"]
     # pad = EOS for a model without a pad token, left padding for generation; EOS ends the assistant turn.
     assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None and tok.padding_side == "left"
     # The dequantised directory has the GGUF's tokenizer, token for token.
-    assert common.load_tokenizer(smollm2[0])(text).input_ids == tok(text).input_ids
+    assert models.load_tokenizer(smollm2[0])(text).input_ids == tok(text).input_ids
 
 
 def test_gguf_without_the_optional_packages_is_a_clear_error(smollm2, tmp_path):
-    proc = run_script("-c", "import sys; sys.modules['gguf'] = None; import common; "
-                      "common.run(lambda: common.load_causal_lm(sys.argv[1], 'cpu'))", smollm2[0],
+    proc = run_script("-c", "import sys; sys.modules['gguf'] = None; from plumbing import cli, models; "
+                      "cli.run(lambda: models.load_causal_lm(sys.argv[1], 'cpu'))", smollm2[0],
                       env=ENV, check=False, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "gguf" in proc.stderr and "requirements-optional.txt" in proc.stderr and "Traceback" not in proc.stderr

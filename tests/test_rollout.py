@@ -18,12 +18,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import common
+from plumbing import cli, generation, models, runfiles
 import grading
 import rollout
-from common import DEFAULT_INSTRUCTION, build_prompt_ids, delimiter_token_mask, split_steps
+from rollout import delimiter_token_mask, split_steps
+from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION
 from conftest import ROOT, run_script, tiny_random_llama
-from rollout import Config, generate, mc_value, rollout_chunk, select_balanced
+from rollout import Config, mc_value, rollout_chunk, select_balanced
+from plumbing.generation import generate
 
 
 # ============================================================================= tiny tokenizers
@@ -128,7 +130,7 @@ class SeenLength:
 
 class ScriptedLM(torch.nn.Module):
     """A policy whose next-token distribution depends only on the last token, behind the Hugging Face
-    causal-LM interface that rollout.generate drives. It checks what the engine feeds it: left padding,
+    causal-LM interface that generation.generate drives. It checks what the engine feeds it: left padding,
     an attention mask as long as prompt + cache, and positions that count real tokens only."""
 
     def __init__(self, next_token_probs: dict[int, dict[int, float]]):
@@ -264,11 +266,11 @@ def test_generate_finish_reasons_and_order():
 def test_sample_next_temperature_and_top_p():
     logits = torch.tensor([[0.6, 0.3, 0.1]]).log().repeat(2000, 1)  # [B, V]
     g = torch.Generator().manual_seed(0)
-    assert (rollout.sample_next(logits, 0.0, 1.0, g) == 0).all()
-    assert (rollout.sample_next(logits, 1.0, 0.5, g) == 0).all()  # the nucleus holds only the top token
-    nucleus = rollout.sample_next(logits, 1.0, 0.8, g)
+    assert (generation.sample_next(logits, 0.0, 1.0, g) == 0).all()
+    assert (generation.sample_next(logits, 1.0, 0.5, g) == 0).all()  # the nucleus holds only the top token
+    nucleus = generation.sample_next(logits, 1.0, 0.8, g)
     assert set(nucleus.tolist()) == {0, 1} and within_bound((nucleus == 0).float().mean().item(), 2 / 3, 2000)
-    full = rollout.sample_next(logits, 1.0, 1.0, g)
+    full = generation.sample_next(logits, 1.0, 1.0, g)
     assert within_bound((full == 2).float().mean().item(), 0.1, 2000)
 
 
@@ -304,7 +306,7 @@ def test_sample_next_draws_from_the_tempered_nucleus(monkeypatch):
         return multinomial(probs, *args, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", recording_multinomial)
-    tokens = rollout.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))  # [2n]
+    tokens = generation.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))  # [2n]
     assert len(handed) == 1, "sample_next no longer calls torch.multinomial: update this exact check"
     probs = handed[0].double()
     torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), expected.repeat_interleave(n, 0), atol=1e-6, rtol=0)
@@ -318,8 +320,8 @@ def test_sample_next_draws_from_the_tempered_nucleus(monkeypatch):
 
 @pytest.fixture(scope="module")
 def toy_policy(toy_dir):
-    tok = common.load_tokenizer(str(toy_dir / "sft"))
-    model = common.load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
+    tok = models.load_tokenizer(str(toy_dir / "sft"))
+    model = models.load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
     questions = [json.loads(line)["question"] for line in open(toy_dir / "test.jsonl")][:6]
     prompts = [build_prompt_ids(tok, q) for q in questions]
     assert len({len(p) for p in prompts}) > 1  # the batch really needs padding
@@ -459,7 +461,7 @@ def question_ids(toy_dir, k):
 
 
 def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
-    tok = common.load_tokenizer(str(toy_dir / "sft"))
+    tok = models.load_tokenizer(str(toy_dir / "sft"))
     eos, M = tok.eos_token_id, 4
     is_delim = delimiter_token_mask(tok, "\n")
     questions = {r["id"]: r for r in read_lines(toy_dir / "train.jsonl")}
@@ -543,7 +545,7 @@ def test_data_that_teach_nothing_are_reported(toy_dir, tmp_path):
 
 def test_n_keep_above_n1_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["rollout.py", "--n1", "4", "--n_keep", "6", "--out_dir", str(tmp_path / "out")])
-    with pytest.raises(common.InputError, match="--n_keep 6 must be between 1 and --n1 4"):
+    with pytest.raises(cli.InputError, match="--n_keep 6 must be between 1 and --n1 4"):
         rollout.main()
     assert not (tmp_path / "out").exists()
 
@@ -553,7 +555,7 @@ def test_n_keep_above_n1_is_refused(monkeypatch, tmp_path):
 def test_help_shows_the_whole_summary_and_that_a_gguf_file_works(script, flag, capsys):
     module = importlib.import_module(script)
     with pytest.raises(SystemExit):
-        common.parse_config(module.Config, ["--help"])
+        cli.parse_config(module.Config, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
     first_paragraph = " ".join(module.__doc__.strip().split("\n\n")[0].split())
     assert first_paragraph in text  # not cut after its first line
@@ -644,7 +646,7 @@ def test_bad_data_file(case, toy_dir, tmp_path, previous_output, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(toy_dir / "sft"), "--data", str(data),
                                       "--out_dir", str(out)])
     with pytest.raises(SystemExit) as exit_info:
-        common.run(rollout.main)
+        cli.run(rollout.main)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(data) in lines[0] and where in lines[0], lines
@@ -673,7 +675,7 @@ def test_model_dir_without_a_model(tmp_path, toy_dir, previous_output, monkeypat
     monkeypatch.setattr(sys, "argv", ["rollout.py", "--model", str(tmp_path / "empty"),
                                       "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out)])
     with pytest.raises(SystemExit) as exit_info:
-        common.run(rollout.main)
+        cli.run(rollout.main)
     assert exit_info.value.code == 2 and str(tmp_path / "empty") in capsys.readouterr().err
     assert {p: open(p, "rb").read() for p in glob.glob(str(out / "*"))} == before
 
@@ -725,22 +727,22 @@ def test_check_rerun_is_one_rule_for_finished_and_unfinished_output(tmp_path, ca
     done, settings, shard = tmp_path / "summary.json", tmp_path / "settings.json", tmp_path / "shard-0.jsonl"
 
     def check(cfg, work=(), covers=lambda record: True):
-        return common.check_rerun(cfg, str(tmp_path), str(done), str(settings), [str(p) for p in work], ignore, True,
+        return runfiles.check_rerun(cfg, str(tmp_path), str(done), str(settings), [str(p) for p in work], ignore, True,
                                   covers=covers)
 
     assert not check(Cfg())  # nothing there: a fresh start, whose settings are recorded
     assert json.load(open(settings)) == {"k": 4}
     assert not check(Cfg(k=5))  # no unfinished work: nothing to mix, the new settings win
     shard.write_text('{"id": "a"}\n')
-    with pytest.raises(common.InputError, match="unfinished work .*--k 5 -> 6.*--overwrite true"):
+    with pytest.raises(cli.InputError, match="unfinished work .*--k 5 -> 6.*--overwrite true"):
         check(Cfg(k=6), [shard])
     assert not check(Cfg(k=5, batch_size=64), [shard])  # an ignored setting: resumed
     done.write_text(json.dumps({"config": dataclasses.asdict(Cfg(k=5))}))
     assert check(Cfg(k=5, batch_size=64), [shard]) and "complete" in capsys.readouterr().out
-    with pytest.raises(common.InputError, match="finished output .*--k 5 -> 6"):
+    with pytest.raises(cli.InputError, match="finished output .*--k 5 -> 6"):
         check(Cfg(k=6), [shard])
     assert not check(Cfg(k=5, max_questions=9), [shard], covers=lambda record: False)  # more questions: resumed
-    with pytest.raises(common.InputError, match="other questions .*--max_questions 0 -> 9"):
+    with pytest.raises(cli.InputError, match="other questions .*--max_questions 0 -> 9"):
         check(Cfg(k=5, max_questions=9), covers=lambda record: False)  # ... unless there is nothing to resume from
     assert not check(Cfg(k=6, overwrite=True), [shard])
     assert not tmp_path.exists() or sorted(os.listdir(tmp_path)) == ["settings.json"]

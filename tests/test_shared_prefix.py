@@ -1,4 +1,4 @@
-"""Stage B reads each state once (common.shared_prefix_rows): log pi(a|s), its gradient and the critic's
+"""Stage B reads each state once (shared_prefix.shared_prefix_rows): log pi(a|s), its gradient and the critic's
 V(s . a) from one row per state equal those of every (state, action) pair run alone, with eager and sdpa
 attention, with activation checkpointing, under bf16 autocast (loosely); flash-attention is refused."""
 import pytest
@@ -7,7 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 import critic as C
 import dapo
-from common import InputError, enable_checkpointing, shared_prefix_rows
+from plumbing.cli import InputError
+from plumbing.models import enable_checkpointing
+from plumbing.shared_prefix import shared_prefix_rows
 
 VOCAB = 40
 

@@ -6,7 +6,8 @@ import sys
 
 from conftest import ROOT
 
-from common import DEFAULT_INSTRUCTION, delimiter_token_mask, split_steps
+from rollout import delimiter_token_mask, split_steps
+from plumbing.models import DEFAULT_INSTRUCTION
 from grading import is_correct
 
 spec = importlib.util.spec_from_file_location("toy_prepare", os.path.join(ROOT, "data", "toy", "prepare.py"))

@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import InputError, arg, parse_config, run  # noqa: E402
+from plumbing.cli import arg, InputError, parse_config, run  # noqa: E402
 
 # summary.json key, label, actor folder under run_dir (None: no DAPO training), colour
 POLICIES = [("base", "warm start", None, "tab:gray"), ("iter1", "iteration 1", "iter1/actor", "tab:blue"),

@@ -38,8 +38,10 @@ import torch
 from transformers import set_seed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import (DEFAULT_INSTRUCTION, arg, build_prompt_ids, finalize_dir, lr_at, parse_config,  # noqa: E402
-                    progress, run, write_jsonl_atomic)
+from plumbing.cli import arg, parse_config, progress, run  # noqa: E402
+from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION  # noqa: E402
+from plumbing.runfiles import finalize_dir, write_jsonl_atomic  # noqa: E402
+from plumbing.trainer import lr_at  # noqa: E402
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
 NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts by naming the question's operation

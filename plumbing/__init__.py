@@ -1,0 +1,16 @@
+"""The machinery a learner may skip: the stage scripts at the top (rollout.py, critic.py, dapo.py, eval.py) and
+grading.py read as the algorithm; what they need to run at scale lives here, one module per concern.
+
+    cli            config dataclass -> command line, InputError -> one line + exit 2, progress bars
+    distributed    DDP and FSDP2: process group, sharding, gradient sync, clipping
+    runfiles       JSONL reading and shards, atomic writes, the rerun rule, input fingerprints
+    models         tokenizers, causal LMs, GGUF files, chat prompts, autocast
+    checkpoints    resumable training state (torch.distributed.checkpoint), full weights for saving
+    trainer        the rules critic.py and dapo.py share: work files, resume, the lr schedule, saving a model
+    shared_prefix  one row per state and all its candidate actions (stage B reads each state once)
+    generation     the batched KV-cache sampling engine of rollout.py and eval.py
+    sandbox        runs untrusted programs for grading.py's code rewards
+
+Imports form a ladder (each module imports only modules above it in this list): cli, distributed, runfiles,
+models, checkpoints, trainer, shared_prefix, generation, sandbox. Nothing here imports a stage script.
+"""

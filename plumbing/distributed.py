@@ -1,0 +1,173 @@
+"""DDP and FSDP2: one process under python, one per GPU under torchrun; sharding, gradient sync and clipping."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from plumbing.cli import InputError
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+DIST_TIMEOUT_VARIABLE, DIST_TIMEOUT_DEFAULT_MIN = "DAPO_DIST_TIMEOUT_MIN", 180.0
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest rank before the job is torn down: $DAPO_DIST_TIMEOUT_MIN
+    minutes, 180 by default. torch's default (10 minutes with NCCL) is too short for rollout.py and eval.py,
+    whose ranks finish their shares of the questions at different times and then meet at one last collective.
+    A setting of the machine and job size, not of the experiment, and the same for every script: so an
+    environment variable, like NCCL's own, rather than a flag in four configs and their resume checks."""
+    text = os.environ.get(DIST_TIMEOUT_VARIABLE, str(DIST_TIMEOUT_DEFAULT_MIN))
+    try:
+        if float(text) > 0:
+            return datetime.timedelta(minutes=float(text))
+    except (ValueError, OverflowError):  # not a number, or too many minutes for a timedelta
+        pass
+    raise InputError(f"{DIST_TIMEOUT_VARIABLE}={text!r}: expected a positive number of minutes")
+
+
+def setup_distributed() -> Dist:
+    """One process under `python`, one per GPU (or CPU worker) under `torchrun`.
+
+    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on the CPU (what the tests use)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(0, 1, 0, device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    timeout = dist_timeout()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    else:
+        # Two CPU processes on two cores: one thread each, or they fight over the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    return Dist(rank, world, local, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_ranks_sum(x: float) -> float:
+    """Sum a number over all ranks (itself when there is one process)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# Under DDP every rank holds the whole model, its gradients and AdamW state: 16 bytes per parameter, 112 GB for
+# a 7B model. FSDP2 (torch.distributed.fsdp.fully_shard) splits all three over the ranks; each decoder layer's
+# full parameters exist only while that layer computes. The helpers below take the plain, DDP or sharded model
+# alike, so the training loops have one path.
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a Hugging Face model: the blocks its classes declare must never be split
+    (`_no_split_modules`, the declaration accelerate's device_map reads too). Each becomes one FSDP unit."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def distribute(model, ddp: Dist, fsdp: bool):
+    """The model the training loop calls. One process: the model itself. Under torchrun: wrapped by DDP, or,
+    with fsdp, sharded in place by FSDP2 (every decoder layer, then the root: embeddings, final norm, heads).
+    On CUDA the shards stay fp32 (the master weights) while layers compute in bf16 and gradients are reduced
+    in fp32; on the CPU everything stays fp32. Build the optimizer after this: sharding replaces parameters."""
+    layers = decoder_layers(model) if fsdp else []
+    if fsdp and not layers:  # checked in one process too: the same command under torchrun would fail
+        raise InputError(f"--fsdp cannot find the decoder layers of {type(model).__name__} to shard; "
+                         "run without --fsdp")
+    if fsdp and dist.is_initialized():
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(ddp.device.type, (ddp.world_size,))
+        mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if ddp.device.type == "cuda" else MixedPrecisionPolicy())
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mixed)
+        fully_shard(model, mesh=mesh, mp_policy=mixed)
+        return model
+    if ddp.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    return model
+
+
+def sync_gradients(model, sync: bool) -> None:
+    """Gradient accumulation: reduce gradients over the ranks in the backward pass of the last micro-batch only.
+    Earlier ones accumulate locally (DDP: no all-reduce; FSDP: no reduce-scatter, so each rank holds full-size
+    fp32 gradients until the last micro-batch: the price of sending them once per step)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif hasattr(model, "require_backward_grad_sync"):  # DDP
+        model.require_backward_grad_sync = sync
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (DTensor), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def clip_gradients(model, max_norm: float) -> float:
+    """Clip the norm of the whole gradient (all ranks' shards under FSDP) to max_norm (0: no clipping) and return
+    the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+def held_per_rank(model, optimizer) -> str:
+    """How many parameter, gradient and optimizer-state values each rank holds (its shards under FSDP, whole
+    copies under DDP); call it after a backward pass and an optimizer step, when all three exist."""
+    params = list(model.parameters())
+    states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]  # not "step"
+    mine = [sum(_local(p).numel() for p in params), sum(_local(p.grad).numel() for p in params if p.grad is not None),
+            sum(_local(v).numel() for v in states)]
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    total = sum(p.numel() for p in params)
+    return (f"held per rank (parameters / gradients / optimizer state) of {total:,} parameters: "
+            + "; ".join(f"rank {r} {p:,} / {g:,} / {s:,}" for r, (p, g, s) in enumerate(ranks)))
+
+
+def on_all_ranks(fn, items: list) -> list:
+    """fn(items), with the items split over the ranks and the results gathered back, in order, on every rank."""
+    if not dist.is_initialized():
+        return fn(items)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = [None] * world
+    dist.all_gather_object(parts, fn(items[rank::world]))
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out

@@ -1,0 +1,190 @@
+"""Run files: validated JSONL reading, crash-safe shards, atomic writes, the rerun rule and input fingerprints."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from typing import Any, Callable, Iterable
+
+import torch
+
+from plumbing.cli import InputError
+from plumbing.distributed import barrier
+
+
+def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False,
+               flags: dict[str, str] | None = None) -> list[dict]:
+    """Read and validate every line before anything is computed, so bad input fails fast and
+    names the file and line. `flags` maps a required field to the flag that names it, for the message."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in required if k not in record]
+            if missing:
+                named_by = [flags[k] for k in missing if flags and k in flags]
+                raise InputError(f"{path} line {line_no}: missing field(s) {', '.join(missing)}"
+                                 + (f" (other field names: {', '.join(named_by)})" if named_by else ""))
+            record["_line"] = line_no
+            records.append(record)
+    if not records and not allow_empty:
+        raise InputError(f"{path}: the file is empty")
+    return records
+
+
+def read_shard(path: str) -> list[dict]:
+    """Records of a shard that this program appended itself. A line cut short by a kill is dropped
+    (and truncated away) so that the rerun appends after the last complete record."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
+    if len(keep) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+
+def read_shards(out_dir: str) -> list[dict]:
+    """The records of every rank's shard-RANK.jsonl in out_dir (a rerun may use another number of ranks)."""
+    return [r for path in sorted(glob.glob(os.path.join(out_dir, "shard-*.jsonl"))) for r in read_shard(path)]
+
+
+def append_jsonl(f, record: dict) -> None:
+    """One line per finished unit of work, flushed to disk before the next begins (resume after a kill)."""
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
+    """Write to a temporary file and rename: readers see the old file or the whole new one, never half."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ignore: tuple[str, ...], is_main: bool,
+                covers: Callable[[dict], bool] = lambda record: True) -> bool:
+    """The one rule of the four scripts for a run over earlier output; call it before anything is written.
+      - --overwrite true: out_dir, the settings file and the work paths are removed first; the run starts afresh.
+      - Finished output (`done`, the JSON file a run writes last, with its settings under "config"): made with
+        these settings, it is complete: say so and return True (the caller exits 0; nothing is redone or
+        rewritten). Made with other settings: stop, naming them.
+      - Unfinished work (the existing `work` paths: shards, a checkpoint), whose run recorded its settings in
+        `settings`: resumed only with the same settings, else stop, naming those that differ.
+    `ignore` names the settings a rerun may change (where output goes, speed, logging, how many questions): none
+    alters a saved result. `covers(done record)` says whether finished output holds all this command asks for
+    (more questions than it holds: resumed from the work, or refused when there is none)."""
+    if cfg.overwrite:
+        barrier()  # every rank has looked at the old output before rank 0 removes it
+        if is_main:
+            for path in [out_dir, settings, *work]:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        barrier()
+    ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    retry = "rerun with those settings, add --overwrite true to replace it, or use another --out_dir"
+    work = [p for p in work if os.path.exists(p)]
+    if os.path.exists(done):
+        with open(done, encoding="utf-8") as f:
+            record = json.load(f)
+        theirs = record.get("config", {})
+        if _changed(ours, theirs):
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
+        if covers(record):
+            if is_main:
+                print(f"{out_dir}: complete, made with these settings; nothing to do (--overwrite true redoes it)")
+            return True
+        if not work:  # it would be replaced by a run that holds other questions
+            everything = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
+            raise InputError(f"{done}: {out_dir} holds the finished output of a run over other questions "
+                             f"({_changed(everything, theirs)}); {retry}")
+    if work and os.path.exists(settings):
+        with open(settings, encoding="utf-8") as f:
+            theirs = json.load(f)
+        if _changed(ours, theirs):
+            raise InputError(f"{settings}: {out_dir} holds unfinished work of a run with other settings "
+                             f"({_changed(ours, theirs)}); {retry}")
+    barrier()  # every rank has compared before rank 0 rewrites the file
+    if is_main:
+        os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
+        write_json_atomic(settings, ours)
+    return False
+
+
+def _changed(ours: dict, theirs: dict) -> str:
+    """The settings that differ, as '--name old -> new, ...' ('' when none does)."""
+    return ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and theirs[k] != ours[k])
+
+
+def warn_useless_data(labels: list[float] = (), cut: int = 0, responses: int = 0, after: str = "") -> bool:
+    """One warning line (stderr) when the data cannot teach anything: every MC label is the same (the critic can
+    only learn a constant, and DAPO's advantages are then the critic's errors), or most responses were cut by the
+    token limit (they count as wrong). `after` says what follows from it for the script. True when it warned."""
+    reasons = []
+    if labels and len(set(labels)) == 1:
+        reasons.append(f"every MC label is {labels[0]:g} ({len(labels)} states){after}")
+    if responses and cut > responses / 2:
+        reasons.append(f"{cut} of {responses} responses were cut by the token limit (they count as wrong): "
+                       "raise --max_new_tokens")
+    if reasons:
+        print("warning: " + "; ".join(reasons), file=sys.stderr, flush=True)
+    return bool(reasons)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """A dict (dapo.py's cache of Q values and log pi_ref) written atomically; model training state goes through
+    save_training_state instead."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+
+
+def finalize_dir(tmp_dir: str, out_dir: str) -> None:
+    """Replace out_dir with the fully written tmp_dir, so a half-saved model never looks finished."""
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+
+
+def fingerprint(*paths: str, extra: str = "") -> str:
+    """Changes whenever an input changes: names, sizes and modification times of the files under each path."""
+    entries = [extra]
+    for path in paths:
+        files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**"), recursive=True))
+        entries += [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns)
+                    for f in files if os.path.isfile(f)]
+        if not files:  # a hub name: the name is all we know
+            entries.append(path)
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
