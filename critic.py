@@ -1,5 +1,5 @@
 """DAPO stage A, the critic: a value model V_phi(s) trained on the Monte-Carlo labels of rollout.py
-(ALGORITHM.md section 3).
+(docs/algorithm.md, "The critic").
 
 The model: a causal-LM backbone (by default the policy being improved) and a linear value head on the hidden
 state of a state's last token, squashed by a sigmoid, so V(s) in (0, 1) estimates the probability that the
@@ -207,7 +207,7 @@ def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]
 
 # ============================================================================= the loss
 def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-state loss of the critic against the MC label V_hat(s) (ALGORITHM.md section 3); [N] -> [N].
+    """Per-state loss of the critic against the MC label V_hat(s) (docs/algorithm.md, "The critic"); [N] -> [N].
     mse: (V(s) - V_hat(s))^2, the arXiv version.
     bce: -[V_hat log V + (1 - V_hat) log(1 - V)], the NeurIPS version (computed from the logits: stable)."""
     if kind == "mse":

@@ -1,5 +1,5 @@
 """DAPO stage B, the actor: advantages from the critic, the DAPO loss (eq. 12) and actor training
-(ALGORITHM.md section 4).
+(docs/algorithm.md, "Stage B").
 
 With pi_ref = the policy that generated the rollout (the SFT model in iteration 1) and the critic V_phi of
 stage A, for every state s of states.jsonl and its M candidate actions a_1..a_M (the first steps of its M

@@ -1,4 +1,4 @@
-"""The reward r of a response (ALGORITHM.md section 1: r = 1 if the final answer is correct, else 0).
+"""The reward r of a response (docs/algorithm.md, "Notation": r = 1 if the final answer is correct, else 0).
 
 Math: the final answer (the last \\boxed{}, else the last number) is compared with the reference answer,
 by the built-in grader (normalisation, then exact or numeric equality; needs nothing) or by Hugging Face's

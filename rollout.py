@@ -1,5 +1,5 @@
 """DAPO stage A, data generation: sample solutions, label every step prefix by Monte Carlo, and keep the
-first step of each completion as a candidate action (ALGORITHM.md section 2).
+first step of each completion as a candidate action (docs/algorithm.md, "Stage A").
 
 For every training question x, with pi_ref = pi_gen = the current policy:
   1. Generator: sample n1 solutions, grade them, keep n with correct and wrong as balanced as possible.

@@ -95,7 +95,7 @@ def test_split_steps_merged_newline_tokens():
     for step in steps[:-1]:  # a step ends at the FIRST token containing the delimiter, and only there
         assert is_delim[step[-1]] and not is_delim[step[:-1]].any()
     # Every state is an exact token prefix of the solution. Cutting the TEXT at "\n" and re-tokenising
-    # the state would not be: "two\n" + "\nso" gives other ids than "two\n\nso" (the pitfall of ALGORITHM.md 1).
+    # the state would not be: "two\n" + "\nso" gives other ids than "two\n\nso" (docs/algorithm.md, "Notation").
     for t in range(len(steps)):
         state = sum(steps[:t], [])
         assert ids[: len(state)] == state

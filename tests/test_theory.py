@@ -1,4 +1,4 @@
-"""The theory of DAPO (ALGORITHM.md section 5) checked exactly on small tabular step-level MDPs.
+"""The theory of DAPO (docs/algorithm.md, "Why it works") checked exactly on small tabular step-level MDPs.
 
 A tree MDP: each state has a few actions; an action either leads to a child state or ends the solution
 with a reward. Values are computed exactly by backward induction, so the advantages are exact, and the
