@@ -267,7 +267,7 @@ def test_the_callers_environment_is_not_visible():
     # /proc/PID/environ shows the environment a process started with, so the grader runs in a process that
     # starts with the secret (set in this process, it would be in os.environ only). Control: that process can
     # read the secret in its own /proc/self/environ, so a program that saw the parent's would pass.
-    grade = ("import json, sys, grading\n"
+    grade = ("import json, sys, grading\nfrom plumbing import sandbox\n"
              "program, problem = json.loads(sys.argv[1])\n"
              "print(b'hunter2' in open('/proc/self/environ', 'rb').read(),\n"
              "      grading.is_correct_code(program, problem, sandbox.SandboxLimits(timeout=2.0)))")
