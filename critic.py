@@ -27,8 +27,9 @@ Training, one pass per solution:
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
 
 Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults). A killed run resumes
-from out_dir.ckpt/ (a torch.distributed.checkpoint directory, sharded under --fsdp) when rerun with the same
-command; out_dir itself appears only when the critic is complete, as full weights that load without FSDP.
+from out_dir.work/checkpoint/ (a torch.distributed.checkpoint directory, sharded under --fsdp) when rerun with
+the same command (docs/pipeline.md, "Reruns and resume"); out_dir itself appears only when the critic is
+complete, as full weights that load without FSDP.
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -45,15 +45,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import set_seed
 
-from plumbing.checkpoints import full_state_dict, load_training_state, save_training_state, training_meta
+from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, enable_checkpointing, load_pretrained,
                              load_tokenizer)
-from plumbing.runfiles import check_rerun, finalize_dir, read_jsonl, warn_useless_data, write_json_atomic
+from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import pack, shared_prefix_rows
-from plumbing.trainer import lr_at
+from plumbing.trainer import lr_at, set_lr, TrainingRun
 
 HEAD_FILE = "value_head.pt"
 
@@ -81,7 +81,8 @@ class Config:
     eval_batch_size: int = arg(64, "solutions per forward pass when measuring the held-out metrics")
     seed: int = arg(0, "seed of the data order")
     log_every: int = arg(10, "print a line of metrics every N optimizer steps")
-    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.ckpt/ every N optimizer steps")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint/ every N optimizer steps "
+                                    "(0: never)")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
     overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh")
 
@@ -126,19 +127,19 @@ class Critic(torch.nn.Module):
         return logits if return_logits else torch.sigmoid(logits)
 
 
-def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None) -> None:
-    """One directory: the backbone (save_pretrained), the value head and the tokenizer. Written beside
-    out_dir and renamed into place, so a directory named out_dir is always a complete critic. `state` holds
-    the critic's full weights when the module itself holds only a shard of them (FSDP)."""
+def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None,
+                metrics: dict | None = None) -> None:
+    """One directory: the backbone (save_pretrained), the value head, the tokenizer and metrics.json (when
+    given). Written beside out_dir and renamed into place, so a directory named out_dir is always a complete
+    critic. `state` holds the critic's full weights when the module itself holds only a shard of them (FSDP)."""
     state = critic.state_dict() if state is None else state
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-    tmp = out_dir.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    critic.backbone.save_pretrained(tmp, state_dict=part("backbone."))
-    torch.save(part("value_head."), os.path.join(tmp, HEAD_FILE))
-    tokenizer.save_pretrained(tmp)
-    finalize_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        critic.backbone.save_pretrained(tmp, state_dict=part("backbone."))
+        torch.save(part("value_head."), os.path.join(tmp, HEAD_FILE))
+        tokenizer.save_pretrained(tmp)
+        if metrics is not None:
+            write_json_atomic(os.path.join(tmp, "metrics.json"), metrics)
 
 
 def load_critic(path: str, device) -> Critic:
@@ -311,96 +312,92 @@ def print_metrics(m: dict) -> None:
               f"{row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
 
 
-# ============================================================================= training
-def main() -> None:
-    cfg = parse_config(Config)
-    ddp = setup_distributed()
+# ============================================================================= the stage's steps, as main() calls them
+def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
+    """Steps 1-2, before anything is written: the settings checked, solutions.jsonl read and validated in full,
+    the held-out questions set aside. (train, held-out)."""
     if cfg.loss not in ("mse", "bce"):
         raise InputError(f"--loss must be mse or bce, got {cfg.loss!r}")
-    if cfg.batch_size % (cfg.micro_batch_size * ddp.world_size):
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
         raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
-                         f"= {cfg.micro_batch_size * ddp.world_size}")
-    set_seed(cfg.seed)
-
-    # 1-2. Data, validated in full before anything is written; held-out questions set aside.
+                         f"= {cfg.micro_batch_size * world_size}")
     path = os.path.join(cfg.rollout_dir, "solutions.jsonl")
     train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
-    steps_per_epoch = len(train) // cfg.batch_size  # a last partial batch is dropped: every rank does the same work
-    if steps_per_epoch == 0:
+    if len(train) < cfg.batch_size:  # a last partial batch is dropped: every rank does the same work
         raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch "
                          f"(--batch_size {cfg.batch_size})")
-    total_steps = steps_per_epoch * cfg.epochs
-    accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
-    source = cfg.init_critic or cfg.init
     if cfg.fsdp:
         from transformers import AutoModel
 
-        check_shardable(source, AutoModel)  # before anything is written
-    ckpt_path, settings = cfg.out_dir.rstrip("/") + ".ckpt", cfg.out_dir.rstrip("/") + ".settings.json"
-    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "metrics.json"), settings, [ckpt_path], RESUME_IGNORES,
-                   ddp.is_main):
-        cleanup_distributed()
-        return
+        check_shardable(cfg.init_critic or cfg.init, AutoModel)
+    return train, heldout
 
-    # The critic: a warm start from the previous critic, or a fresh head on the backbone.
-    tok = load_tokenizer(source)
-    critic = load_critic(source, ddp.device) if cfg.init_critic else Critic.from_backbone(source, ddp.device)
+
+def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
+    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone."""
+    source = cfg.init_critic or cfg.init
+    critic = load_critic(source, device) if cfg.init_critic else Critic.from_backbone(source, device)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
-    if max(t for s in train + heldout for t in s["ids"]) >= vocab:
-        raise InputError(f"{path}: token ids beyond the critic's vocabulary ({vocab}); "
-                         f"the critic must share the policy's tokenizer")
+    if max(t for s in solutions for t in s["ids"]) >= vocab:
+        raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
+                         f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
+    return critic
+
+
+def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
+    """The forward and backward passes of one optimizer step: this rank's share of the global batch in
+    micro-batches, one forward pass per solution (V at every step boundary), the loss against the MC labels.
+    The gradient is the weighted mean over the global batch's states (state_weights: every distinct state of the
+    batch counts once); returns this rank's weighted sum of the loss."""
+    total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
+    mine = batch[ddp.rank:: ddp.world_size]
+    accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+    loss_sum = 0.0
+    for micro in range(accum):
+        ids, mask, rows, cols, labels, weights = collate(
+            mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
+        sync_gradients(model, micro == accum - 1)  # reduce the gradients once, on the last micro-step
+        with autocast(ddp.device):
+            logits = model(ids, mask, return_logits=True)  # [B, T]
+        weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
+        # DDP and FSDP average gradients over ranks: x world_size / (total weight of the global batch) makes the
+        # gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
+        (weighted.sum() * ddp.world_size / total_weight).backward()
+        loss_sum += weighted.sum().item()
+    return loss_sum
+
+
+def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train: list[dict], heldout: list[dict],
+                 t0: float):
+    """Steps 3-4: --epochs passes over the training solutions in global batches of --batch_size, AdamW with
+    warm-up and linear decay and gradient clipping, resumed from the run's checkpoint when there is one. The last
+    step's loss, or None when --stop_after stopped the run."""
+    steps_per_epoch = len(train) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
     if cfg.gradient_checkpointing:
         enable_checkpointing(critic.backbone)
     critic.train()
     model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    # Resume: a checkpoint of this run replaces the freshly built model and optimizer.
-    step, loss, meta = 0, None, training_meta(ckpt_path)
-    if meta is not None:
-        ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_IGNORES}
-        theirs = {k: meta["config"].get(k) for k in ours}
-        if ours != theirs:
-            changed = ", ".join(f"--{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if ours[k] != theirs[k])
-            raise InputError(f"{ckpt_path}: checkpoint of a run with other settings ({changed}); "
-                             f"delete it to start over")
-        load_training_state(ckpt_path, critic, optimizer)
-        step, loss = meta["step"], meta["train_loss"]
+    meta = training.resume(critic, optimizer)
+    step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
     if ddp.is_main:
         warn_useless_data([v for s in train for v in s["mc_values"]],
                           after=": the critic can only learn a constant (see the rollout's summary.json)")
         print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
-              f"{round(sum(w for s in train for w in s['weights']))} distinct), "
-              f"{len(heldout)} held out | {total_steps} steps of {cfg.batch_size} solutions = {accum} micro-batch(es) "
-              f"of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}"
-              + (f" | resuming from step {step}" if step else ""))
-
-    # 3-4. One forward pass per solution gives V at every step boundary; the loss is the weighted mean over the
-    # global batch's states (state_weights: every distinct state counts once).
-    t0 = time.time()
+              f"{round(sum(w for s in train for w in s['weights']))} distinct), {len(heldout)} held out | "
+              f"{total_steps} steps of "
+              f"{cfg.batch_size} solutions = {cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)} "
+              f"micro-batch(es) of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}")
     bar = progress(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
     first_step = step
     while step < total_steps:
         epoch, k = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), cfg.seed, epoch)
         batch = [train[i] for i in order[k * cfg.batch_size: (k + 1) * cfg.batch_size]]
-        total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
-        mine = batch[ddp.rank:: ddp.world_size]
         lr = lr_at(step, total_steps, int(cfg.warmup_fraction * total_steps), cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(accum):
-            ids, mask, rows, cols, labels, weights = collate(
-                mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
-            sync_gradients(model, micro == accum - 1)  # reduce the gradients once, on the last micro-step
-            with autocast(ddp.device):
-                logits = model(ids, mask, return_logits=True)  # [B, T]
-            weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
-            # DDP and FSDP average gradients over ranks: x world_size / (total weight of the global batch) makes
-            # the gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
-            (weighted.sum() * ddp.world_size / total_weight).backward()
-            loss_sum += weighted.sum().item()
+        set_lr(optimizer, lr)
+        loss_sum = critic_step(cfg, ddp, model, batch)
         grad_norm = clip_gradients(critic, cfg.grad_clip)
         optimizer.step()
         if step == first_step:  # parameters, gradients and AdamW state all exist now
@@ -409,25 +406,41 @@ def main() -> None:
                 tqdm.write(shards)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss = all_ranks_sum(loss_sum) / total_weight
+        loss = all_ranks_sum(loss_sum) / sum(w for s in batch for w in s["weights"])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
             tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
                        f"grad norm {grad_norm:.3f} | {time.time() - t0:.1f}s")
-        if step % cfg.checkpoint_every == 0 or step == cfg.stop_after:  # every rank writes what it holds
-            save_training_state(ckpt_path, critic, optimizer,
-                                {"step": step, "train_loss": loss, "config": dataclasses.asdict(cfg)})
-        if step == cfg.stop_after and step < total_steps:
-            if ddp.is_main:
-                tqdm.write(f"stopped after step {step} (--stop_after); "
-                           f"rerun the same command to resume from {ckpt_path}")
-            cleanup_distributed()
-            return
+        if training.after_step(step, total_steps, critic, optimizer, {"train_loss": loss}):
+            return None
     bar.close()
+    return loss
 
-    # 5. Held-out metrics, then the critic directory; the checkpoint goes last (a kill before that resumes
-    # at the final step and only redoes this). A sharded critic computes only with every rank joining each
+
+# ============================================================================= main
+def main() -> None:
+    cfg = parse_config(Config)
+    ddp = setup_distributed()
+    set_seed(cfg.seed)
+    train, heldout = read_inputs(cfg, ddp.world_size)  # 1-2, in full, before anything is written
+    source = cfg.init_critic or cfg.init
+    training = TrainingRun.start(cfg, RESUME_IGNORES, [os.path.join(cfg.rollout_dir, "solutions.jsonl"), source],
+                                 "metrics.json", ddp.world_size, ddp.is_main)
+    if training is None:  # out_dir holds this run's finished critic
+        cleanup_distributed()
+        return
+
+    # 3-4. The critic, trained on the MC labels: one forward pass per solution gives V at every step boundary.
+    tok = load_tokenizer(source)
+    critic = build_critic(cfg, ddp.device, train + heldout)
+    t0 = time.time()
+    loss = train_critic(cfg, ddp, training, critic, train, heldout, t0)
+    if loss is None:  # stopped by --stop_after, leaving only the checkpoint
+        cleanup_distributed()
+        return
+
+    # 5. Held-out metrics, then the critic directory. A sharded critic computes only with every rank joining each
     # forward pass (each layer's parameters are gathered from all), so under FSDP every rank measures the same
     # held-out batches; its full weights are gathered onto rank 0's CPU to be saved.
     metrics = heldout_metrics(critic, heldout, cfg.eval_batch_size) if heldout and (ddp.is_main or cfg.fsdp) else None
@@ -435,16 +448,11 @@ def main() -> None:
     if ddp.is_main:
         if metrics:
             print_metrics(metrics)
-        save_critic(critic, tok, cfg.out_dir, state)
-        write_json_atomic(os.path.join(cfg.out_dir, "metrics.json"), {
-            "heldout": metrics, "train_solutions": len(train), "steps": total_steps, "final_train_loss": loss,
-            "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
-        for path in (ckpt_path, settings):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        save_critic(critic, tok, cfg.out_dir, state, {
+            "heldout": metrics, "train_solutions": len(train), "steps": len(train) // cfg.batch_size * cfg.epochs,
+            "final_train_loss": loss, "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
         print(f"critic saved to {cfg.out_dir}")
+    training.finish()
     cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved
 
 

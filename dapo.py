@@ -51,9 +51,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
-import json
 import os
-import shutil
 import time
 
 import torch
@@ -61,15 +59,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import set_seed
 
-from plumbing.checkpoints import full_state_dict, load_training_state, save_training_state, training_meta
+from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   on_all_ranks, setup_distributed, sync_gradients)
 from plumbing.models import autocast, check_shardable, enable_checkpointing, load_causal_lm, load_tokenizer
-from plumbing.runfiles import (check_rerun, finalize_dir, fingerprint, load_checkpoint, read_jsonl, save_checkpoint,
-                               warn_useless_data, write_json_atomic)
+from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
 from plumbing.shared_prefix import pack, shared_prefix_rows
-from plumbing.trainer import lr_at
+from plumbing.trainer import lr_at, set_lr, TrainingRun
 from critic import action_values, load_critic
 
 
@@ -98,7 +95,8 @@ class Config:
     ref_batch_size: int = arg(64, "actions per forward pass of log pi_ref, whole states (once before training)")
     seed: int = arg(0, "seed of the order of the states")
     log_every: int = arg(10, "print a line of metrics every N optimizer steps (and after the last)")
-    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint/ every N optimizer steps")
+    checkpoint_every: int = arg(50, "save the resumable checkpoint out_dir.work/checkpoint/ every N optimizer steps "
+                                       "(0: never)")
     stop_after: int = arg(0, "stop after N optimizer steps as a kill would, leaving only the checkpoint (0: never)")
     overwrite: bool = arg(False, "remove out_dir and its checkpoint (finished or not) first and start afresh; "
                                  "the cached Q values and log pi_ref, keyed by their inputs, are kept")
@@ -108,6 +106,7 @@ class Config:
 # Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
                   "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
+CACHE = "prepared.pt"  # in out_dir.work/: Q values, advantages, the training set and log pi_ref (steps 1-4)
 
 
 # ============================================================================= the states
@@ -275,23 +274,28 @@ def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int
     return mine[rank] + [[]] * (max(map(len, mine)) - len(mine[rank]))
 
 
-def step_metrics(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """Sums over the actions of a micro-batch, added over micro-batches and ranks, then read by summarize.
-    An action has moved when its log-prob changed by more than 1e-3 in its advantage's direction (less is
-    the rounding noise of a batch padded differently from the one of log pi_ref)."""
+def fit_sums(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """What fit_metrics reads, as sums over the actions of a micro-batch (added over micro-batches and ranks):
+    log_ratio = log(pi / pi_ref), target = A / beta. An action has moved when its log-prob changed by more than
+    1e-3 in its advantage's direction (less is the rounding noise of a batch padded differently from the one of
+    log pi_ref)."""
     moved = torch.sign(advantages) * log_ratio > 1e-3
-    return torch.tensor([len(log_ratio), (0.5 * (target - log_ratio) ** 2).sum(), log_ratio.abs().sum(),
-                         log_ratio.sum(), target.sum(), (log_ratio * target).sum(), (log_ratio ** 2).sum(),
-                         (target ** 2).sum(), moved.sum(), (advantages != 0).sum()], dtype=torch.float64)
+    sums = {"actions": len(log_ratio), "loss": (0.5 * (target - log_ratio) ** 2).sum(),
+            "abs_log_ratio": log_ratio.abs().sum(), "log_ratio": log_ratio.sum(), "target": target.sum(),
+            "log_ratio_x_target": (log_ratio * target).sum(), "log_ratio_squared": (log_ratio ** 2).sum(),
+            "target_squared": (target ** 2).sum(), "moved": moved.sum(), "nonzero_advantages": (advantages != 0).sum()}
+    return {k: float(v) for k, v in sums.items()}
 
 
-def summarize(sums: list[float]) -> dict:
-    """loss, mean |log ratio|, correlation of log ratio with A/beta, fraction of actions whose log-prob moved
-    in the direction of their advantage (all before this step's update)."""
-    n, loss, abs_lr, sx, sy, sxy, sxx, syy, moved, nonzero = sums
-    cov, var_x, var_y = sxy / n - sx * sy / n ** 2, sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+def fit_metrics(sums: dict[str, float]) -> dict:
+    """How well log(pi / pi_ref) fits eq. 12's target A / beta: loss, mean |log ratio|, their correlation, and the
+    fraction of actions (with a non-zero advantage) whose log-prob moved in the direction of their advantage."""
+    n, x, y = sums["actions"], sums["log_ratio"], sums["target"]
+    cov = sums["log_ratio_x_target"] / n - x * y / n ** 2
+    var_x, var_y = sums["log_ratio_squared"] / n - (x / n) ** 2, sums["target_squared"] / n - (y / n) ** 2
     corr = cov / (var_x * var_y) ** 0.5 if var_x > 1e-10 and var_y > 1e-10 else 0.0  # 0 while pi = pi_ref
-    return {"loss": loss / n, "abs_log_ratio": abs_lr / n, "corr": corr, "moved": moved / max(1.0, nonzero)}
+    return {"loss": sums["loss"] / n, "abs_log_ratio": sums["abs_log_ratio"] / n, "corr": corr,
+            "moved": sums["moved"] / max(1.0, sums["nonzero_advantages"])}
 
 
 @torch.no_grad()
@@ -316,76 +320,74 @@ def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions
     return [{"advantages": s["advantages"], "log_ratios": log_ratios[i]} for i, s in enumerate(train)]
 
 
-# ============================================================================= plumbing
-
-
-# ============================================================================= main
-def main() -> None:
-    cfg = parse_config(Config)
-    ddp = setup_distributed()
-    set_seed(cfg.seed)
+# ============================================================================= the stage's steps, as main() calls them
+def read_inputs(cfg: Config) -> tuple[list[dict], object]:
+    """Every input checked before anything is written: the settings, states.jsonl in full, the critic directory,
+    the policy's tokenizer (the states' token ids must be its own) and, with --fsdp, that the policy can be sharded.
+    The states and the tokenizer."""
     if cfg.beta <= 0:
         raise InputError(f"--beta must be positive, got {cfg.beta}")
-    states_path = os.path.join(cfg.rollout_dir, "states.jsonl")
+    path = os.path.join(cfg.rollout_dir, "states.jsonl")
     if cfg.q_source not in ("critic", "rollout"):
         raise InputError(f"--q_source must be critic or rollout, got {cfg.q_source}")
-    states = read_states(states_path, completion_rewards=cfg.q_source == "rollout")  # in full, before anything else
+    states = read_states(path, completion_rewards=cfg.q_source == "rollout")
     if cfg.q_source == "critic" and not os.path.isdir(cfg.critic):
         raise InputError(f"{cfg.critic}: critic directory does not exist")
     tok = load_tokenizer(cfg.policy)
     too_big = max(max(s["state_ids"] + [t for a in s["actions"] for t in a["ids"]]) for s in states)
     if too_big >= len(tok):
-        raise InputError(f"{states_path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
+        raise InputError(f"{path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
                          f"({len(tok)} tokens): was the rollout made with another policy?")
     if cfg.fsdp:
         from transformers import AutoModelForCausalLM
 
         check_shardable(cfg.policy, AutoModelForCausalLM)
-    work_dir = cfg.out_dir.rstrip("/") + ".work"
-    ckpt_path = os.path.join(work_dir, "checkpoint")
-    if check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, "train_summary.json"),
-                   os.path.join(work_dir, "settings.json"), [ckpt_path], RESUME_IGNORES, ddp.is_main):
-        cleanup_distributed()
-        return
+    return states, tok
 
-    # 1-3. Q values, advantages and the training set; cached together with step 4.
-    cache_path = os.path.join(work_dir, "prepared.pt")
-    q_inputs = [cfg.critic] if cfg.q_source == "critic" else []
-    key = fingerprint(states_path, *q_inputs, cfg.policy, extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}")
-    prepared = load_checkpoint(cache_path)
-    if prepared is not None and prepared["key"] == key:
-        if ddp.is_main:
-            print(f"reusing Q values, advantages and log pi_ref from {cache_path}")
-    else:
-        # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
-        # (4 bytes per parameter, not 16), and each rank works through its share of the sequences alone.
-        q = critic_q_values(cfg, ddp.device, states) if cfg.q_source == "critic" else rollout_q_values(states)
-        prepared = {"key": key, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
-    train = prepared["train"]
-    sizes = [len(s["actions"]) for s in train]
-    if ddp.is_main:
-        print(f"states: {len(train)} of {len(states)} kept (advantage gap >= {cfg.min_gap}) | actions: {sum(sizes)} "
-              f"unique candidates of {sum(len(s['actions']) for s in states)}")
+
+def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:
+    """How much of the rollout steps 2-3 kept; an error when nothing is left, a warning when the data teach nothing."""
+    if is_main:
+        print(f"states: {len(train)} of {len(states)} kept (advantage gap >= {cfg.min_gap}) | actions: "
+              f"{sum(len(s['actions']) for s in train)} unique candidates of {sum(len(s['actions']) for s in states)}")
     if not train:
-        raise InputError(f"{states_path}: no state has an advantage gap >= {cfg.min_gap}: nothing to train on")
-    if ddp.is_main:
+        raise InputError(f"{os.path.join(cfg.rollout_dir, 'states.jsonl')}: no state has an advantage gap >= "
+                         f"{cfg.min_gap}: nothing to train on")
+    if is_main:
         warn_useless_data([s["mc_value"] for s in states if "mc_value" in s],
-                                 after=": the advantages only reflect the critic's errors, nothing to learn")
+                          after=": the advantages only reflect the critic's errors, nothing to learn")
 
-    # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes
-    # its share on its own, whole copy, so no rank waits for another): no second model in memory.
-    model = load_causal_lm(cfg.policy, ddp.device)
-    if "ref_logp" not in train[0]:
-        model.eval()
-        ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
-                                                              "log pi_ref" if ddp.is_main else None), train)
-        for s, ref_logp in zip(train, ref_logps):
-            s["ref_logp"] = ref_logp
-        if ddp.is_main:
-            os.makedirs(work_dir, exist_ok=True)
-            save_checkpoint(cache_path, prepared)
 
-    # 5. Train the actor on eq. 12.
+def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int]) -> dict[str, float]:
+    """The forward and backward passes of one optimizer step, on this rank's share of a global batch of whole
+    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's."""
+    step_actions = sum(sizes[i] for i in batch)
+    micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
+    sums = dict.fromkeys(fit_sums(torch.zeros(1), torch.zeros(1), torch.zeros(1)), 0.0)
+    for j, group in enumerate(micro):
+        # An empty micro-batch (this rank has run out of states) computes on the step's first state and counts
+        # zero: its passes only keep this rank in step with the others' collectives.
+        states = [train[i] for i in group or batch[:1]]
+        advantages = torch.tensor([a for s in states for a in s["advantages"]], device=ddp.device)  # [n]
+        ref_logp = torch.tensor([r for s in states for r in s["ref_logp"]], device=ddp.device)  # [n]
+        sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
+        with autocast(ddp.device):
+            logp = action_logps(actor, [s["state_ids"] for s in states], [s["actions"] for s in states])  # [n]
+        # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks, hence * world.
+        weight = len(advantages) / step_actions * ddp.world_size if group else 0.0
+        (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
+        if group:
+            for k, v in fit_sums(logp.detach().double().cpu() - ref_logp.double().cpu(),
+                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu()).items():
+                sums[k] += v
+    return sums
+
+
+def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float):
+    """Step 5: minimise eq. 12, --epochs passes over the training states in global batches of whole states,
+    AdamW with linear decay and gradient clipping, resumed from the run's checkpoint when there is one.
+    (the actor, the metrics of every optimizer step), or (the actor, None) when --stop_after stopped it."""
+    sizes = [len(s["actions"]) for s in train]
     schedule = [b for epoch in range(cfg.epochs)
                 for b in global_batches(sizes, cfg.global_batch_actions, cfg.seed + epoch)]
     total = len(schedule)
@@ -394,48 +396,15 @@ def main() -> None:
     model.train()
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    meta = training_meta(ckpt_path)
-    start, log = 0, []
-    run_id = {"key": key, "world_size": ddp.world_size, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                                                          if k not in RESUME_IGNORES}}
-    if meta is not None and meta["run_id"] == run_id:
-        load_training_state(ckpt_path, model, optimizer)
-        start, log = meta["step"], meta["log"]
-        if ddp.is_main:
-            print(f"resuming from {ckpt_path} at step {start} of {total}")
-    elif meta is not None and ddp.is_main:  # other settings were refused by check_rerun: other inputs or ranks
-        why = {"key": "other inputs (a file under --rollout_dir, --critic or --policy changed)",
-               "world_size": f"{meta['run_id'].get('world_size')} rank(s), not {ddp.world_size}"}
-        print(f"ignoring {ckpt_path}: it was made with " + "; ".join(
-            why.get(k, f"--{k} {meta['run_id'].get(k)!r}") for k in run_id if meta["run_id"].get(k) != run_id[k]))
+    meta = training.resume(model, optimizer)
+    start, log = (meta["step"], meta["log"]) if meta else (0, [])
     if ddp.is_main:
         print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
-
-    t0 = time.time()
     bar = progress(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
     for step in bar:
         lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_actions = sum(sizes[i] for i in schedule[step])
-        micro = rank_micro_batches(schedule[step], sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
-        sums = torch.zeros(10, dtype=torch.float64)
-        for j, group_states in enumerate(micro):
-            # An empty micro-batch (this rank has run out of states) computes on the step's first state and
-            # counts zero: its passes only keep this rank in step with the others' collectives.
-            batch = [train[i] for i in group_states or schedule[step][:1]]
-            advantages = torch.tensor([a for s in batch for a in s["advantages"]], device=ddp.device)  # [n]
-            ref_logp = torch.tensor([r for s in batch for r in s["ref_logp"]], device=ddp.device)  # [n]
-            sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
-            with autocast(ddp.device):
-                logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
-            # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks,
-            # hence * world.
-            weight = len(advantages) / step_actions * ddp.world_size if group_states else 0.0
-            (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
-            if group_states:
-                sums += step_metrics(logp.detach().double().cpu() - ref_logp.double().cpu(),
-                                     advantages.double().cpu() / cfg.beta, advantages.double().cpu())
+        set_lr(optimizer, lr)
+        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step])
         grad_norm = clip_gradients(model, cfg.grad_clip)
         optimizer.step()
         if step == start:  # parameters, gradients and AdamW state all exist now
@@ -443,54 +412,95 @@ def main() -> None:
             if ddp.is_main:
                 tqdm.write(shards)
         optimizer.zero_grad(set_to_none=True)
-
-        metrics = {"step": step + 1, "lr": lr, **summarize([all_ranks_sum(v) for v in sums.tolist()]),
+        metrics = {"step": step + 1, "lr": lr, **fit_metrics({k: all_ranks_sum(v) for k, v in sums.items()}),
                    "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
         log.append(metrics)
-        stop = cfg.stop_after and step + 1 == cfg.stop_after and step + 1 < total
         if ddp.is_main:
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}",
                             moved=f"{metrics['moved']:.2f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
                 tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in metrics.items()))
-        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total):
-            save_training_state(ckpt_path, model, optimizer, {"step": step + 1, "log": log, "run_id": run_id})
-        if stop:
-            if ddp.is_main:
-                print(f"stopped after step {step + 1} as asked; rerun the same command to resume")
-            cleanup_distributed()
-            return
+        if training.after_step(step + 1, total, model, optimizer, {"log": log}):
+            return actor, None
     bar.close()
+    return actor, log
 
-    # How far the actor got towards eq. 12's target: log(pi_theta / pi_ref) of every training action after
-    # the last step (train_log.jsonl measures each step before its update).
-    fit = fit_after_training(actor, train, sizes, cfg.micro_batch_actions, ddp)
+
+def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dict], log: list[dict], fit: list[dict],
+               t0: float) -> None:
+    """Step 6: the actor as a Hugging Face model directory (rollout.py and eval.py load it as the next policy) with
+    train_log.jsonl, fit.jsonl and train_summary.json, complete before it appears under out_dir. A sharded actor's
+    full weights are gathered onto rank 0's CPU first: the directory loads without FSDP."""
     advantages = torch.tensor([a for f in fit for a in f["advantages"]], dtype=torch.float64)  # [actions kept]
-    final = summarize(step_metrics(torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64),
-                                   advantages / cfg.beta, advantages).tolist())
-
-    # 6. The actor as a Hugging Face model directory, complete before it appears under out_dir. A sharded
-    # actor's full weights are gathered onto rank 0's CPU first: the directory loads without FSDP.
+    log_ratios = torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64)  # [actions kept]
+    after_training = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages))
     state = full_state_dict(model) if cfg.fsdp else None
-    if ddp.is_main:
-        tmp = cfg.out_dir.rstrip("/") + ".tmp"
-        if os.path.exists(tmp):  # left by a run killed while saving
-            shutil.rmtree(tmp)
+    if not ddp.is_main:
+        return
+    with atomic_dir(cfg.out_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "train_log.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(m) + "\n" for m in log)
-        with open(os.path.join(tmp, "fit.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s) + "\n" for s in fit)
+        write_jsonl_atomic(os.path.join(tmp, "train_log.jsonl"), log)
+        write_jsonl_atomic(os.path.join(tmp, "fit.jsonl"), fit)
         write_json_atomic(os.path.join(tmp, "train_summary.json"), {
             "states": len(states), "states_kept": len(train), "actions": sum(len(s["actions"]) for s in states),
-            "actions_kept": sum(sizes), "steps": total, "seconds": round(time.time() - t0, 2), "last_step": log[-1],
-            "after_training": final, "config": dataclasses.asdict(cfg)})
-        finalize_dir(tmp, cfg.out_dir)
-        if os.path.exists(ckpt_path):
-            shutil.rmtree(ckpt_path)
-        print(f"wrote the actor to {cfg.out_dir} ({total} steps, {time.time() - t0:.0f}s)")
+            "actions_kept": sum(len(s["actions"]) for s in train), "steps": len(log),
+            "seconds": round(time.time() - t0, 2), "last_step": log[-1], "after_training": after_training,
+            "config": dataclasses.asdict(cfg)})
+    print(f"wrote the actor to {cfg.out_dir} ({len(log)} steps, {time.time() - t0:.0f}s)")
+
+
+# ============================================================================= main
+def main() -> None:
+    cfg = parse_config(Config)
+    ddp = setup_distributed()
+    set_seed(cfg.seed)
+    states, tok = read_inputs(cfg)  # in full, before anything is written
+    inputs = [os.path.join(cfg.rollout_dir, "states.jsonl"), *([cfg.critic] if cfg.q_source == "critic" else []),
+              cfg.policy]
+    training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
+                            extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}")
+    if training is None:  # out_dir holds this run's finished actor
+        cleanup_distributed()
+        return
+
+    # 1-3. Q values, advantages (eq. 13) and the training set, cached in out_dir.work/ with step 4's log pi_ref
+    # (keyed by the inputs: a rerun with another beta or lr reuses them).
+    prepared = training.load_cache(CACHE, key=training.inputs)
+    if prepared is None:
+        # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
+        # (4 bytes per parameter, not 16), and each rank works through its share of the states alone.
+        q = critic_q_values(cfg, ddp.device, states) if cfg.q_source == "critic" else rollout_q_values(states)
+        prepared = {"key": training.inputs, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
+    elif ddp.is_main:
+        print(f"reusing Q values, advantages and log pi_ref from {os.path.join(training.work_dir, CACHE)}")
+    train = prepared["train"]
+    report_training_set(cfg, states, train, ddp.is_main)
+
+    # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes its
+    # share on its own, whole copy, so no rank waits for another): no second model in memory.
+    model = load_causal_lm(cfg.policy, ddp.device)
+    if "ref_logp" not in train[0]:
+        model.eval()
+        ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
+                                                              "log pi_ref" if ddp.is_main else None), train)
+        for s, ref_logp in zip(train, ref_logps, strict=True):
+            s["ref_logp"] = ref_logp
+        training.save_cache(CACHE, prepared)
+
+    # 5. Train the actor on eq. 12.
+    t0 = time.time()
+    actor, log = train_actor(cfg, ddp, training, model, train, t0)
+    if log is None:  # stopped by --stop_after, leaving only the checkpoint
+        cleanup_distributed()
+        return
+
+    # 6. How far the actor got towards eq. 12's target (train_log.jsonl measures each step before its update),
+    # then the actor.
+    fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp)
+    save_actor(cfg, ddp, model, tok, states, train, log, fit, t0)
+    training.finish()
     cleanup_distributed()
 
 

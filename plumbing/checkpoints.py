@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 from plumbing.distributed import barrier
-from plumbing.runfiles import finalize_dir
 
 
 def save_training_state(path: str, model, optimizer, meta: dict) -> None:
@@ -27,7 +26,9 @@ def save_training_state(path: str, model, optimizer, meta: dict) -> None:
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if main:
         torch.save(meta, os.path.join(tmp, "meta.pt"))
-        finalize_dir(tmp, path)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
     barrier()
 
 

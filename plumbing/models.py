@@ -4,13 +4,12 @@ from __future__ import annotations
 
 
 import os
-import shutil
 
 import torch
 
 from plumbing.cli import InputError
 from plumbing.distributed import decoder_layers
-from plumbing.runfiles import finalize_dir
+from plumbing.runfiles import atomic_dir
 
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -61,12 +60,9 @@ def materialize_gguf(gguf_path: str, out_dir: str) -> None:
         raise InputError(f"{gguf_path}: not a GGUF file (the name must end in .gguf)")
     tok = load_tokenizer(gguf_path)
     model = load_causal_lm(gguf_path, torch.device("cpu"))
-    tmp = out_dir.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    finalize_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"wrote {gguf_path} as a Hugging Face model directory (float32): {out_dir}")
 
 

@@ -1,6 +1,7 @@
 """Run files: validated JSONL reading, crash-safe shards, atomic writes, the rerun rule and input fingerprints."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -10,7 +11,6 @@ import shutil
 import sys
 from typing import Any, Callable, Iterable
 
-import torch
 
 from plumbing.cli import InputError
 from plumbing.distributed import barrier
@@ -159,23 +159,18 @@ def warn_useless_data(labels: list[float] = (), cut: int = 0, responses: int = 0
     return bool(reasons)
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """A dict (dapo.py's cache of Q values and log pi_ref) written atomically; model training state goes through
-    save_training_state instead."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
-
-
-def finalize_dir(tmp_dir: str, out_dir: str) -> None:
-    """Replace out_dir with the fully written tmp_dir, so a half-saved model never looks finished."""
+@contextlib.contextmanager
+def atomic_dir(out_dir: str):
+    """A directory written whole or not at all (a model directory, by one process): the block writes into the
+    path it is given, beside out_dir, which then replaces out_dir. A kill or an error inside the block leaves
+    out_dir as it was, so a half-saved model never looks finished."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):  # left by a run killed while saving
+        shutil.rmtree(tmp)
+    yield tmp
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
+    os.replace(tmp, out_dir)
 
 
 def fingerprint(*paths: str, extra: str = "") -> str:

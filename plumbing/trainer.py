@@ -1,9 +1,124 @@
 """The rules critic.py and dapo.py share: the work folder beside out_dir, resume identity, the lr schedule, saving."""
 from __future__ import annotations
 
+import dataclasses
+import os
+import shutil
+
+import torch
+
+from plumbing.checkpoints import load_training_state, save_training_state, training_meta
+from plumbing.runfiles import check_rerun, fingerprint
+
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warm-up to the peak, then linear decay to zero."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """The files of one training run and the rules both trainers follow (docs/pipeline.md, "Reruns and resume").
+
+    out_dir appears only when training has finished, written whole and renamed into place. Beside it,
+    out_dir.work/ holds what a rerun needs: settings.json (the settings of the unfinished run: a rerun with others
+    is refused), checkpoint/ (the resumable state, sharded under FSDP) and the script's own caches. A checkpoint is
+    resumed only by the same run: the same settings (bar those in `ignore`: output, speed, logging), the same
+    number of ranks and the same inputs (a fingerprint of the files they are read from)."""
+    cfg: object  # the script's Config (a dataclass with out_dir, overwrite, checkpoint_every and stop_after)
+    ignore: tuple[str, ...]  # settings a rerun may change: none of them changes what is trained
+    inputs: str  # fingerprint of the input files (plumbing.runfiles.fingerprint)
+    world_size: int
+    is_main: bool
+
+    @property
+    def work_dir(self) -> str:
+        return self.cfg.out_dir.rstrip("/") + ".work"
+
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(self.work_dir, "checkpoint")
+
+    @property
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed."""
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in self.ignore}
+        return {"inputs": self.inputs, "world_size": self.world_size, **settings}
+
+    @classmethod
+    def start(cls, cfg, ignore: tuple[str, ...], inputs: list[str], done: str, world_size: int, is_main: bool,
+              extra: str = "") -> TrainingRun | None:
+        """The run, after the rerun rule (plumbing.runfiles.check_rerun) has passed; None when out_dir already holds
+        its finished output (`done`, a file in out_dir), so there is nothing to do. `extra` joins the fingerprint of
+        the inputs (settings that change a cached result, for example)."""
+        run = cls(cfg, ignore, fingerprint(*inputs, extra=extra), world_size, is_main)
+        finished = check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, done),
+                               os.path.join(run.work_dir, "settings.json"), [run.checkpoint], ignore, is_main)
+        return None if finished else run
+
+    def resume(self, model, optimizer) -> dict | None:
+        """Load this run's checkpoint into the model and optimizer (built as when it was saved, sharded or not)
+        and return what was saved with it (step, log, ...); None when there is none. A checkpoint of another run
+        (other inputs or another number of ranks: other settings were refused by `start`) is ignored, saying why."""
+        meta = training_meta(self.checkpoint)
+        if meta is None:
+            return None
+        if meta["run_id"] == self.identity:
+            load_training_state(self.checkpoint, model, optimizer)
+            if self.is_main:
+                print(f"resuming from step {meta['step']} ({self.checkpoint})", flush=True)
+            return meta
+        if self.is_main:
+            why = {"inputs": "other inputs (an input file changed)",
+                   "world_size": f"{meta['run_id'].get('world_size')} rank(s), not {self.world_size}"}
+            print(f"ignoring {self.checkpoint}: it was made with " + "; ".join(
+                why.get(k, f"--{k} {meta['run_id'].get(k)!r}") for k in self.identity
+                if meta["run_id"].get(k) != self.identity[k]))
+        return None
+
+    def after_step(self, step: int, total: int, model, optimizer, meta: dict) -> bool:
+        """After optimizer step number `step` (1-based) of `total`: save the checkpoint every --checkpoint_every
+        steps (0: never) and at --stop_after; True when the run stops here, as --stop_after asks (as a kill would,
+        leaving only the checkpoint)."""
+        every, stop_after = self.cfg.checkpoint_every, self.cfg.stop_after
+        stop = bool(stop_after) and step == stop_after and step < total
+        if stop or (every > 0 and step % every == 0 and step < total):  # every rank writes what it holds
+            save_training_state(self.checkpoint, model, optimizer, {**meta, "step": step, "run_id": self.identity})
+        if stop and self.is_main:
+            print(f"stopped after step {step} (--stop_after); rerun the same command to resume from "
+                  f"{self.checkpoint}", flush=True)
+        return stop
+
+    def finish(self) -> None:
+        """Once out_dir is complete: the checkpoint and the settings go (caches in the work folder stay)."""
+        if not self.is_main:
+            return
+        for path in (self.checkpoint, os.path.join(self.work_dir, "settings.json")):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        if os.path.isdir(self.work_dir) and not os.listdir(self.work_dir):
+            os.rmdir(self.work_dir)
+
+    def load_cache(self, name: str, key: str):
+        """A cache the script keeps in the work folder (dapo.py: Q values and log pi_ref), or None when there is
+        none or it was made from other inputs (`key`)."""
+        path = os.path.join(self.work_dir, name)
+        cache = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+        return cache if cache is not None and cache.get("key") == key else None
+
+    def save_cache(self, name: str, cache: dict) -> None:
+        """Written atomically by rank 0: a kill while writing leaves the old cache or none."""
+        if self.is_main:
+            os.makedirs(self.work_dir, exist_ok=True)
+            path = os.path.join(self.work_dir, name)
+            torch.save(cache, path + ".tmp")
+            os.replace(path + ".tmp", path)

@@ -163,7 +163,7 @@ def test_fsdp_two_ranks_match_one_process(reference_critic, fsdp_critic):
 
 def test_fsdp_resume_after_a_stop_continues_from_the_sharded_checkpoint(toy_dir, toy_rollout, fsdp_critic, tmp_path):
     out = tmp_path / "critic"
-    ckpt = str(out) + ".ckpt"
+    ckpt = str(out) + ".work/checkpoint"
     run_script("torchrun", "--nproc_per_node=2", *train_args(toy_dir, toy_rollout, out, *FSDP, "--stop_after", "2"))
     assert not out.exists() and training_meta(ckpt)["step"] == 2
     shards = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
@@ -184,12 +184,12 @@ def test_metrics_written(reference_critic, solutions):
     again = C.heldout_metrics(C.load_critic(str(reference_critic), "cpu"), C.split_by_question(solutions, 0.2)[1], 4)
     assert held["states"] == again["states"] and held["mse"] == pytest.approx(again["mse"], rel=1e-5, abs=1e-9)
     assert held["pearson_r"] == pytest.approx(again["pearson_r"], rel=1e-5, abs=1e-9)
-    assert not os.path.exists(str(reference_critic) + ".ckpt")  # removed once the critic is complete
+    assert not os.path.exists(str(reference_critic) + ".work")  # removed once the critic is complete
 
 
 def test_resume_after_a_stop_continues_from_the_checkpoint(toy_dir, toy_rollout, reference_critic, tmp_path):
     out = tmp_path / "critic"
-    ckpt = str(out) + ".ckpt"
+    ckpt = str(out) + ".work/checkpoint"
     run_script(*train_args(toy_dir, toy_rollout, out, "--stop_after", "2"))
     assert not out.exists() and training_meta(ckpt)["step"] == 2  # only the checkpoint is left
     changed = run_script(*train_args(toy_dir, toy_rollout, out, "--lr", "1e-3"), check=False)  # a different run

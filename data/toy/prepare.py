@@ -40,7 +40,7 @@ from transformers import set_seed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from plumbing.cli import arg, parse_config, progress, run  # noqa: E402
 from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION  # noqa: E402
-from plumbing.runfiles import finalize_dir, write_jsonl_atomic  # noqa: E402
+from plumbing.runfiles import atomic_dir, write_jsonl_atomic  # noqa: E402
 from plumbing.trainer import lr_at  # noqa: E402
 
 OPS = {"+": "Add {k}.", "-": "Subtract {k}.", "*": "Multiply by {k}."}
@@ -213,10 +213,9 @@ def main() -> None:
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
     warm_start(model, tok)
 
-    tmp = os.path.join(CFG.out_dir, "sft.tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    finalize_dir(tmp, os.path.join(CFG.out_dir, "sft"))
+    with atomic_dir(os.path.join(CFG.out_dir, "sft")) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     print(f"wrote {len(train)} train / {len(test)} test questions and the warm start to {CFG.out_dir} "
           f"in {time.time() - t0:.0f}s")
 
