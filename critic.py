@@ -21,7 +21,7 @@ Training, one pass per solution:
   5. Held-out MSE, Pearson r and a calibration table (predicted V in bins vs. mean MC label), printed and
      written to out_dir/metrics.json; the critic is saved as one directory that `load_critic` reads back.
 
-    python critic.py --rollout_dir runs/toy/rollout --init runs/toy/sft --out_dir runs/toy/critic
+    python critic.py --rollout_dir runs/toy/iter1/rollout --init runs/toy/sft --out_dir runs/toy/iter1/critic
     torchrun --nproc_per_node=8 critic.py ...          # same flags; --batch_size stays the global batch
     torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
@@ -60,13 +60,14 @@ HEAD_FILE = "value_head.pt"
 
 @dataclasses.dataclass
 class Config:
-    rollout_dir: str = arg("runs/toy/rollout", "rollout.py output directory (its solutions.jsonl is the training data)")
+    rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its solutions.jsonl is the "
+                                                     "training data)")
     init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
                                     "(the policy by default)")
     init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); "
                                         "--init is then unused")
-    out_dir: str = arg("runs/toy/critic", "where the critic directory (backbone, value head, tokenizer, metrics.json) "
-                                          "goes")
+    out_dir: str = arg("runs/toy/iter1/critic", "where the critic directory (backbone, value head, tokenizer, "
+                                                "metrics.json) goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
     lr: float = arg(5e-6, "peak learning rate (paper, 7B: 5e-6)")
     epochs: int = arg(1, "passes over the training solutions (paper: 1)")

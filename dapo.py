@@ -128,7 +128,7 @@ def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
                 raise InputError(f"{where}: an action that ends the solution needs its reward (a number)")
             if completion_rewards and not isinstance(a.get("completion_reward"), (int, float)):
                 raise InputError(f"{where}: --q_source rollout needs every action's completion_reward (a number), "
-                                 "which rollout.py writes since the Q-source ablation: rerun rollout.py")
+                                 "which rollout.py writes")
     return states
 
 

@@ -46,7 +46,7 @@ from plumbing.generation import generate, Generation
 class Config(QuestionConfig):
     model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
-    out_dir: str = arg("runs/toy/eval", "where responses.jsonl and summary.json go")
+    out_dir: str = arg("runs/toy/base/eval", "where responses.jsonl and summary.json go")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
     k: int = arg(4, "sampled responses per question for sampled accuracy, pass@k and maj@k (0: greedy only)")
     temperature: float = arg(1.0, "sampling temperature of the k samples")
@@ -102,7 +102,7 @@ def grade_question(q: dict, greedy: Generation, samples: list[Generation], decod
 def summarize(records: list[dict], cfg: Config, world_size: int, seconds: float) -> dict:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sampled = cfg.k > 0
-    sampled_cut = [f == "length" for r in records for f in r.get("sampled_finish", [])]
+    sampled_cut = [f == "length" for r in records for f in r["sampled_finish"]]
     return {"model": cfg.model, "data": cfg.data, "num_questions": len(records),
             "greedy_acc": mean([r["greedy_correct"] for r in records]),
             "sampled_acc": mean([mean(r["sampled_correct"]) for r in records]) if sampled else None,
@@ -187,7 +187,7 @@ def main() -> None:
             os.remove(path)
         print_table(summary)
         greedy_cut = sum(r["greedy_finish"] == "length" for r in merged)
-        sampled_cut = sum(f == "length" for r in merged for f in r.get("sampled_finish", []))
+        sampled_cut = sum(f == "length" for r in merged for f in r["sampled_finish"])
         warn_useless_data(cut=greedy_cut + sampled_cut, responses=len(merged) * (1 + cfg.k))
     cleanup_distributed()
 

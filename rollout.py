@@ -55,7 +55,7 @@ class QuestionConfig:
 class Config(QuestionConfig):
     model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
-    out_dir: str = arg("runs/toy/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
+    out_dir: str = arg("runs/toy/iter1/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     n1: int = arg(32, "generator samples per question (paper: 32)")
     n_keep: int = arg(6, "n: solutions kept per question, correct and wrong balanced (paper: 6)")
     M: int = arg(16, "completions per state: MC label and candidate actions (paper: 16)")
@@ -288,10 +288,10 @@ def main() -> None:
                    "kept_solutions": sum(len(r["solutions"]) for r in merged),
                    "kept_correct": sum(s["correct"] for r in merged for s in r["solutions"]),
                    "tokens_generated": sum(r["tokens"] for r in merged),
-                   # what says whether the data can teach anything (shards of older runs lack the counts)
-                   "responses": sum(r.get("responses", 0) for r in merged),
-                   "cut_by_token_limit": sum(r.get("cut", 0) for r in merged),
-                   "questions_without_correct_sample": sum(r.get("correct_samples", 1) == 0 for r in merged),
+                   # what says whether the data can teach anything
+                   "responses": sum(r["responses"] for r in merged),
+                   "cut_by_token_limit": sum(r["cut"] for r in merged),
+                   "questions_without_correct_sample": sum(r["correct_samples"] == 0 for r in merged),
                    "states_labelled_0": sum(s["mc_value"] == 0 for s in states),
                    "states_labelled_1": sum(s["mc_value"] == 1 for s in states),
                    "tokens_this_run": tokens, "seconds_this_run": round(elapsed, 2),
