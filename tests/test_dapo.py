@@ -15,7 +15,6 @@ import dapo
 from plumbing.checkpoints import training_meta
 from plumbing.cli import InputError
 from plumbing.models import load_causal_lm, load_tokenizer
-from plumbing.runfiles import load_checkpoint
 from conftest import assert_sharded_in_two, run_script
 from plumbing.generation import generate
 
@@ -26,6 +25,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads
 TRAIN_FLAGS = ["--beta", "0.1", "--lr", "3e-4", "--epochs", "2", "--global_batch_actions", "148",
                "--micro_batch_actions", "8", "--min_gap", "0.1", "--log_every", "1"]
 FSDP = ["--fsdp", "true", "--gradient_checkpointing", "true"]  # activation checkpointing recomputes the same numbers
+
+
+def read_cache(out) -> dict:
+    """dapo.py's cache of steps 1-4 (Q values, advantages, the training set, log pi_ref) beside the actor."""
+    return torch.load(str(out) + ".work/" + dapo.CACHE, map_location="cpu", weights_only=False)
 
 
 # ============================================================================= the objective
@@ -226,7 +230,7 @@ def test_actor_is_a_policy_directory_with_metrics(actor, toy_dir):
 
 def test_cached_q_values_and_ref_logps_are_right(actor, toy_dir, toy_rollout, toy_critic):
     out, _ = actor
-    prepared = load_checkpoint(str(out) + ".work/prepared.pt")
+    prepared = read_cache(out)
     states = dapo.read_states(str(toy_rollout / "states.jsonl"))
     critic = critic_lib.load_critic(str(toy_critic), torch.device("cpu"))
     terminal_differs = 0
@@ -250,7 +254,7 @@ def test_cached_q_values_and_ref_logps_are_right(actor, toy_dir, toy_rollout, to
 
 def test_training_raises_positive_advantage_actions_over_negative(actor, toy_dir):
     out, _ = actor
-    prepared = load_checkpoint(str(out) + ".work/prepared.pt")
+    prepared = read_cache(out)
     model = load_causal_lm(str(out), torch.device("cpu"))
     logp = [lp for s in dapo.reference_logps(model, prepared["train"], 64, desc=None) for lp in s]  # checked above
     ref = [r for t in prepared["train"] for r in t["ref_logp"]]
@@ -274,7 +278,7 @@ def test_q_from_the_rollout_needs_no_critic(toy_dir, toy_rollout, tmp_path):
     out = tmp_path / "actor"
     # No critic exists: --q_source rollout must not look for one.
     train(toy_dir, toy_rollout, tmp_path / "no-critic", out, "--q_source", "rollout")
-    prepared = load_checkpoint(str(out) + ".work/prepared.pt")
+    prepared = read_cache(out)
     states = dapo.read_states(str(toy_rollout / "states.jsonl"), completion_rewards=True)
     assert prepared["q_values"] == dapo.rollout_q_values(states)
     for s, q_s in zip(states, prepared["q_values"]):
@@ -314,7 +318,7 @@ def assert_same_training(one_dir, two_dir, init_dir):
 def test_schedule_premise(actor):
     """The batches of TRAIN_FLAGS: per epoch one of 37 states, then one of a single state (fewer than 2 ranks)."""
     out, _ = actor
-    sizes = [len(t["actions"]) for t in load_checkpoint(str(out) + ".work/prepared.pt")["train"]]
+    sizes = [len(t["actions"]) for t in read_cache(out)["train"]]
     batches = dapo.global_batches(sizes, 148, seed=0)
     assert [len(b) for b in batches] == [37, 1] and len(read_log(out)) == 4
     micro = [dapo.rank_micro_batches(batches[0], sizes, 8, r, 2) for r in range(2)]
