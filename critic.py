@@ -251,7 +251,7 @@ def state_weights(solutions: list[dict]) -> None:
     for group in by_question.values():  # one question at a time: only its prefixes are held in memory
         prefixes = [[tuple(s["ids"][: p + 1]) for p in s["value_positions"]] for s in group]
         count = collections.Counter(p for ps in prefixes for p in ps)
-        for s, ps in zip(group, prefixes):
+        for s, ps in zip(group, prefixes, strict=True):
             s["weights"] = [1.0 / count[p] for p in ps]
 
 
@@ -286,8 +286,8 @@ def heldout_metrics(critic: Critic, heldout: list[dict], batch_size: int, bins: 
     prefixes appear in several solutions of a question)."""
     values = values_at(critic, [s["ids"] for s in heldout], [s["value_positions"] for s in heldout], batch_size)
     pairs = {}
-    for s, vs in zip(heldout, values):
-        for p, v, label in zip(s["value_positions"], vs, s["mc_values"]):
+    for s, vs in zip(heldout, values, strict=True):
+        for p, v, label in zip(s["value_positions"], vs, s["mc_values"], strict=True):
             pairs[(s["qid"], tuple(s["ids"][: p + 1]))] = (v, label)
     pred, label = torch.tensor(list(pairs.values()), dtype=torch.float64).T  # [N], [N]
     r = torch.corrcoef(torch.stack([pred, label]))[0, 1].item() if len(pred) > 1 else float("nan")

@@ -144,8 +144,8 @@ def q_values(states: list[dict], action_values) -> list[list[float]]:
             if not a["terminal"]:
                 candidates.setdefault(tuple(s["state_ids"]), {})[tuple(a["ids"])] = None
     asked = [(list(state), [list(a) for a in actions]) for state, actions in candidates.items()]
-    values = {(tuple(state), tuple(a)): v for (state, actions), vs in zip(asked, action_values(asked))
-              for a, v in zip(actions, vs)}
+    values = {(tuple(state), tuple(a)): v for (state, actions), vs in zip(asked, action_values(asked), strict=True)
+              for a, v in zip(actions, vs, strict=True)}
     return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"]), tuple(a["ids"])]
              for a in s["actions"]] for s in states]
 
@@ -191,12 +191,12 @@ def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> li
     mean advantage of its copies: they agree unless its reward is noisy (a code test that timed out once), and
     then the mean is the better estimate of Q(s, a), whatever the order of the copies."""
     kept = []
-    for s, q_s in zip(states, q):
+    for s, q_s in zip(states, q, strict=True):
         advantages = compute_advantages(torch.tensor(q_s, dtype=torch.float64)).tolist()  # [M]
         if max(advantages) - min(advantages) < min_gap:
             continue
         copies = collections.defaultdict(list)  # unique candidate -> the advantages of its copies
-        for a, adv in zip(s["actions"], advantages):
+        for a, adv in zip(s["actions"], advantages, strict=True):
             if a["ids"]:  # an empty step has log pi = 0 under every policy: nothing to learn from it
                 copies[tuple(a["ids"])].append(adv)
         if copies:

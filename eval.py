@@ -88,10 +88,11 @@ def grade_question(q: dict, greedy: Generation, samples: list[Generation], decod
     is right; code runs its tests) and, for math, the majority vote of the samples."""
     greedy_text, texts = decode(greedy.ids), [decode(s.ids) for s in samples]
     greedy_correct, *correct = grade_batch([t if g.finish == "eos" else None for g, t in
-                                            zip([greedy, *samples], [greedy_text, *texts])],
+                                            zip([greedy, *samples], [greedy_text, *texts], strict=True)],
                                            [q["answer"]] * (1 + len(samples)), task, grader)
     vote = bool(samples) and task == "math"  # programs have no final answer to vote on
-    maj = majority_answer([t for s, t in zip(samples, texts) if s.finish == "eos"]) if vote else None  # cut: no vote
+    voters = [t for s, t in zip(samples, texts, strict=True) if s.finish == "eos"]  # a response cut has no vote
+    maj = majority_answer(voters) if vote else None
     return {"id": q["qid"], "question": q["question"], "reference": q["answer"],
             "greedy_response": greedy_text, "greedy_finish": greedy.finish, "greedy_correct": greedy_correct,
             "sampled_responses": texts, "sampled_finish": [s.finish for s in samples], "sampled_correct": correct,

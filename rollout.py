@@ -134,7 +134,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     records = []
     for qi in range(len(questions)):
         mine = samples[qi * cfg.n1: (qi + 1) * cfg.n1]
-        graded = [(s.ids, ok) for s, ok in zip(mine, rewards[qi * cfg.n1: (qi + 1) * cfg.n1])]
+        graded = [(s.ids, ok) for s, ok in zip(mine, rewards[qi * cfg.n1: (qi + 1) * cfg.n1], strict=True)]
         records.append({"kept": select_balanced(graded, cfg.n_keep), "tokens": sum(len(s.ids) for s in mine),
                         "responses": len(mine), "cut": sum(s.finish == "length" for s in mine),
                         "correct_samples": sum(ok for _, ok in graded)})
@@ -156,8 +156,9 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     prompts = [questions[qi]["prompt_ids"] + prefix for qi, prefix, _ in states for _ in range(cfg.M)]
     budgets = [cfg.max_new_tokens - len(prefix) for _, prefix, _ in states for _ in range(cfg.M)]
     completions = generate(model, prompts, desc="completer", **{**gen, "max_new_tokens": budgets})
+    prefixes = [prefix for _, prefix, _ in states for _ in range(cfg.M)]  # [len(states) * M]
     rewards = grade_batch([decode(prefix + c.ids) if c.finish == "eos" else None
-                           for (_, prefix, _), c in zip([s for s in states for _ in range(cfg.M)], completions)],
+                           for prefix, c in zip(prefixes, completions, strict=True)],
                           [questions[qi]["answer"] for qi, _, _ in states for _ in range(cfg.M)], cfg.task, cfg.grader)
 
     # 4. MC labels and candidate actions (the first step of each completion).
@@ -167,7 +168,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
         q, comps = questions[qi], completions[si * cfg.M: (si + 1) * cfg.M]
         correct = rewards[si * cfg.M: (si + 1) * cfg.M]
         actions = []
-        for c, ok in zip(comps, correct):
+        for c, ok in zip(comps, correct, strict=True):
             first = split_steps(c.ids, is_delim, eos)[0] if c.ids else []
             # The first step ends the solution when the completion has no other step: it ended with EOS (graded),
             # or it used up the token limit (wrong), even when its last token is a delimiter: nothing can follow
@@ -186,7 +187,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
             "state_text": decode(prefix), "mc_value": value, "num_correct": sum(correct), "actions": actions})
 
     out = []
-    for qi, (q, rec) in enumerate(zip(questions, records)):
+    for qi, (q, rec) in enumerate(zip(questions, records, strict=True)):
         solutions = []
         for ids, ok in rec["kept"]:
             steps = split_steps(ids, is_delim, eos)
