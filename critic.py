@@ -52,7 +52,7 @@ from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradi
 from plumbing.models import (autocast, check_model_path, check_shardable, enable_checkpointing, load_pretrained,
                              load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
-from plumbing.shared_prefix import pack, shared_prefix_rows
+from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
 from plumbing.trainer import lr_at, set_lr, TrainingRun
 
 HEAD_FILE = "value_head.pt"
@@ -183,6 +183,26 @@ def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[i
     return values
 
 
+def packed_values(critic: Critic, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
+    """V(s . a) of every action of a batch of states from their shared-prefix rows: [N], the actions in order."""
+    rows = shared_prefix_rows(states, actions, next(critic.parameters()).device)
+    v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
+               position_ids=rows.position_ids).float()  # [B, W]
+    return v[rows.last_row, rows.last_col]  # [N]
+
+
+def value_alone(critic: Critic, state: list[int], action: list[int]) -> float:
+    """V(s . a) from the sequence s . a on its own, as the critic is trained: what a packed row must equal."""
+    ids = torch.tensor([state + action], device=next(critic.parameters()).device)  # [1, L]
+    return critic(ids, torch.ones_like(ids))[0, -1].item()
+
+
+def check_action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]) -> None:
+    """Refuse with one line, before any Q value is used, a critic whose shared-prefix rows do not give the
+    values of each (state, action) alone (plumbing.shared_prefix.check_packing)."""
+    check_packing(critic, packed_values, value_alone, asked, "the critic's V(s . a)", per_token=False)
+
+
 @torch.no_grad()
 def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
                   batch_actions: int = 64) -> list[list[float]]:
@@ -196,11 +216,8 @@ def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]) + sum(map(len, asked[i][1])))
     values: list[list[float]] = [[] for _ in asked]
     for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
-        rows = shared_prefix_rows([asked[i][0] for i in batch], [asked[i][1] for i in batch], device)
         with autocast(device):
-            v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
-                       position_ids=rows.position_ids).float()  # [B, W]
-        flat = iter(v[rows.last_row, rows.last_col].tolist())  # [N]
+            flat = iter(packed_values(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
         for i in batch:
             values[i] = [next(flat) for _ in asked[i][1]]
     critic.train(was_training)

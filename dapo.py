@@ -65,9 +65,9 @@ from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradi
                                   on_all_ranks, setup_distributed, sync_gradients)
 from plumbing.models import autocast, check_shardable, enable_checkpointing, load_causal_lm, load_tokenizer
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
-from plumbing.shared_prefix import pack, shared_prefix_rows
+from plumbing.shared_prefix import check_packing, logp_alone, pack, shared_prefix_rows
 from plumbing.trainer import lr_at, set_lr, TrainingRun
-from critic import action_values, load_critic
+from critic import action_values, check_action_values, load_critic
 
 
 @dataclasses.dataclass
@@ -153,6 +153,8 @@ def q_values(states: list[dict], action_values) -> list[list[float]]:
 def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
     """Step 1 with the critic of critic.py, loaded for this and freed on return."""
     critic = load_critic(cfg.critic, device)
+    check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
+                                 for s in states])
     values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
     q = q_values(states, lambda asked: on_all_ranks(values, asked))
     critic = None  # empty the closure's cell too, so the memory is released before empty_cache
@@ -481,6 +483,7 @@ def main() -> None:
     # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes its
     # share on its own, whole copy, so no rank waits for another): no second model in memory.
     model = load_causal_lm(cfg.policy, ddp.device)
+    check_packing(model, action_logps, logp_alone, [(s["state_ids"], s["actions"]) for s in train], "log pi(a|s)")
     if "ref_logp" not in train[0]:
         model.eval()
         ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,

@@ -34,18 +34,46 @@ class SharedPrefixRows:
     def num_actions(self) -> int:
         return len(self.last_row)
 
-    def attention_mask(self, config) -> torch.Tensor:
-        """`allowed` in the form a transformers model takes as a custom 4-D mask (passed through unchanged):
-        boolean for sdpa, additive (0 or a large negative number) for eager attention, which adds it to the
-        scores. Flash-attention and the other kernels take no mask of this shape, hence the refusal."""
+    def attention_mask(self, config) -> torch.Tensor | dict[str, torch.Tensor]:
+        """`allowed` in the form a transformers model takes as a custom 4-D mask, which transformers 5 passes
+        to every layer unchanged: boolean for sdpa, additive (0 or a large negative number) for eager attention,
+        which adds it to the scores. A sliding-window layer therefore needs its window in the mask itself,
+        counted in the restarted positions (a key more than `sliding_window` - 1 positions back is out of
+        sight, as transformers' own sliding mask has it): one mask for the model when the config has a
+        single `sliding_window` (Mistral, Phi-3), else a dict keyed by layer type, which models with
+        `layer_types` take as their per-type masks (Qwen2, Gemma 2/3, gpt-oss: their `causal_mask_mapping`).
+        Flash-attention and the other kernels take no mask of this shape, hence the refusal; so are layer
+        types that no mask describes (linear attention, convolution, state-space layers of hybrid models)."""
         implementation = config._attn_implementation
-        if implementation == "sdpa":
-            return self.allowed
-        if implementation == "eager":
-            return torch.zeros(self.allowed.shape, device=self.allowed.device).masked_fill(
-                ~self.allowed, torch.finfo(torch.float32).min)  # [B, 1, W, W]
-        raise InputError(f"attn_implementation={implementation!r}: shared-prefix rows need a custom 4-D attention "
-                         "mask, which only 'sdpa' and 'eager' take; load the model with attn_implementation='sdpa'")
+        if implementation not in ("sdpa", "eager"):
+            raise InputError(f"attn_implementation={implementation!r}: shared-prefix rows need a custom 4-D attention "
+                             "mask, which only 'sdpa' and 'eager' take; load the model with attn_implementation='sdpa'")
+        window = getattr(config, "sliding_window", None)
+        kinds = set(getattr(config, "layer_types", None) or [])
+        unknown = kinds - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise InputError(f"model family {config.model_type}: its layer types {', '.join(sorted(unknown))} take no "
+                             f"block attention mask, so stage B cannot pack its states and candidates into rows; "
+                             f"use a model whose layers are all (full or sliding-window) attention "
+                             f"(docs/pipeline.md, 'Stage B reads each state once')")
+        as_mask = functools.partial(self._as_mask, eager=implementation == "eager")
+        if not kinds:
+            return as_mask(self.within_window(window) if window else self.allowed)
+        if kinds == {"full_attention"}:
+            return as_mask(self.allowed)
+        return {"full_attention": as_mask(self.allowed), "sliding_attention": as_mask(self.within_window(window))}
+
+    def within_window(self, window: int) -> torch.Tensor:
+        """`allowed` for a layer that sees the last `window` positions only (the query's own included)."""
+        behind = self.position_ids[:, :, None] - self.position_ids[:, None, :]  # [B, W, W] query minus key position
+        return self.allowed & (behind < window)[:, None]  # [B, 1, W, W]
+
+    @staticmethod
+    def _as_mask(allowed: torch.Tensor, eager: bool) -> torch.Tensor:
+        if not eager:
+            return allowed
+        return torch.zeros(allowed.shape, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)  # [B, 1, W, W]
 
 
 def shared_prefix_rows(states: list[list[int]], actions: list[list[list[int]]], device) -> SharedPrefixRows:
@@ -94,3 +122,77 @@ def pack(indices: list[int], sizes: list[int], limit: int) -> list[list[int]]:
         current.append(i)
         count += sizes[i]
     return groups + [current] if current else groups
+
+
+# ============================================================================= the guard: rows equal pairs, or refuse
+# Largest |shared row - pair alone| accepted, per unit of the compared number: rounding of the parameters' dtype
+# (the check runs without autocast), far below what a mask that a layer ignores gives (whole nats, tenths of V).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+UNPACKABLE = ("layers that ignore the attention mask (linear attention, convolution, state-space: hybrid and SSM "
+              "models) or positions that are not position ids (ALiBi)")
+
+
+def logp_alone(model, state: list[int], action: list[int]) -> float:
+    """log pi(a|s) from the sequence s . a on its own, the model's plain forward: what a packed row must equal."""
+    ids = torch.tensor([state + action], device=next(model.parameters()).device)  # [1, L]
+    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, len(state) - 1:-1].float(), -1)  # [|a|, V]
+    return logp.gather(-1, ids[0, len(state):, None]).sum().item()
+
+
+def checked_rows(asked: list[tuple[list[int], list[list[int]]]], per_state: int = 4) -> list[tuple]:
+    """A few real (state, actions) of a run that make every way of going wrong show: the two that reach the
+    furthest position (a window), and the shortest (left padding beside them); each with its longest
+    actions, at least two (a candidate must not see the one before it), borrowed from the others if need be."""
+    asked = [(s, acts) for s, acts in asked if acts]
+    reach = lambda i: len(asked[i][0]) + max(map(len, asked[i][1]))  # noqa: E731
+    order = sorted(range(len(asked)), key=reach)
+    chosen = list(dict.fromkeys(order[-2:] + order[:1]))
+    spare = [a for i in chosen for a in asked[i][1]]
+    rows = []
+    for i in chosen:
+        state, actions = asked[i]
+        actions = sorted(map(list, dict.fromkeys(map(tuple, actions))), key=len)[-per_state:]
+        actions += [a for a in spare if a not in actions][:max(0, 2 - len(actions))]
+        rows.append((state, actions))
+    return rows
+
+
+def check_packing(model, packed, alone, asked: list[tuple[list[int], list[list[int]]]], what: str,
+                  per_token: bool = True) -> None:
+    """Stop with one line (InputError) unless shared-prefix rows give what each (state, action) run alone
+    gives, on a few real states of the run (checked_rows): packed(model, states, actions) -> [N] from rows,
+    alone(model, state, action) -> the number from the plain sequence s . a. Both run in the parameters'
+    dtype without autocast, so a difference is a different computation, not rounding: a model family that
+    the rows cannot hold (UNPACKABLE) is refused before any number of it is used, named or not, including
+    one whose forward fails on the rows' 4-D mask. `model` is a transformers model or holds one as
+    .backbone (the critic); per_token: the tolerance grows with the action's length (a sum of log-probs)."""
+    config = getattr(model, "backbone", model).config
+    family = f"model family {config.model_type} ({type(getattr(model, 'backbone', model)).__name__})"
+    rows = checked_rows(asked)
+    if not rows:
+        return
+    states, actions = [s for s, _ in rows], [acts for _, acts in rows]
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(parameter.device.type, enabled=False):
+            got = packed(model, states, actions).float().cpu()  # [N]
+            want = torch.tensor([alone(model, s, a) for s, acts in rows for a in acts])  # [N]
+    except (InputError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # any other failure of a model on the rows is its family's, and says so
+        raise InputError(f"{family}: its forward fails on shared-prefix rows for {what} ({type(e).__name__}: "
+                         f"{str(e)[:200]}): stage B cannot pack this model ({UNPACKABLE}); use a model family "
+                         "checked in docs/pipeline.md ('Stage B reads each state once')") from None
+    finally:
+        model.train(was_training)
+    unit = TOLERANCE.get(parameter.dtype, TOLERANCE[torch.bfloat16])
+    tolerance = torch.tensor([unit * (10 + (len(a) if per_token else 0)) for acts in actions for a in acts])  # [N]
+    gap = (got - want).abs()  # [N]
+    if not bool((gap <= tolerance).all()):
+        raise InputError(f"{family}: shared-prefix rows give {what} up to {gap.max().item():.3g} away from each "
+                         f"(state, action) run alone (tolerance {tolerance.max().item():.2g} in {parameter.dtype}, "
+                         f"{len(gap)} actions of {len(rows)} states of this run): stage B cannot pack this model "
+                         f"({UNPACKABLE}); use a model family checked in docs/pipeline.md "
+                         "('Stage B reads each state once')")

@@ -1,0 +1,231 @@
+"""Stage B packs each state with its candidates into one row (plumbing.shared_prefix). For every model family
+that must give what each (state, action) pair run alone gives, or be refused with one line: tiny random models
+of Llama, Qwen2 with sliding layers, Mistral, Gemma 3 (windows of 4 tokens, shorter than the rows) are exact in
+log pi(a|s), its gradient and the critic's V(s . a); a hybrid (LFM2: convolution layers) and an ALiBi model
+(Bloom) are refused, in the functions and through dapo.py."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModel, AutoModelForCausalLM
+
+import critic as C
+import dapo
+from conftest import run_script
+from plumbing.cli import InputError
+from plumbing.shared_prefix import check_packing, checked_rows, logp_alone, shared_prefix_rows
+
+VOCAB = 64
+WINDOW = 4  # every row below is longer than this
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**SIZES),
+    # layer 0 full attention, layer 1 sliding: the model takes a mask per layer type
+    "qwen2": lambda: transformers.Qwen2Config(**SIZES, use_sliding_window=True, sliding_window=WINDOW,
+                                              max_window_layers=1),
+    "mistral": lambda: transformers.MistralConfig(**SIZES, sliding_window=WINDOW),  # one window for every layer
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SIZES, head_dim=8, sliding_window=WINDOW,
+                                                    sliding_window_pattern=2),
+    "lfm2": lambda: transformers.Lfm2Config(**SIZES, full_attn_idxs=[1]),  # a convolution layer, then attention
+    "bloom": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
+                                              bos_token_id=1, eos_token_id=2),  # ALiBi
+}
+EXACT = ["llama", "qwen2", "mistral", "gemma3"]
+WINDOWED = ["qwen2", "mistral", "gemma3"]
+REFUSED = {"lfm2": "its layer types conv take no block attention mask", "bloom": "its forward fails on shared-prefix"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def attn(family: str) -> str:
+    return "eager" if family == "bloom" else "sdpa"  # Bloom has no sdpa attention
+
+
+def policy(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(FAMILIES[family](), attn_implementation=attn(family)).eval()
+
+
+def critic(family: str, seed: int = 0) -> C.Critic:
+    torch.manual_seed(seed)
+    model = C.Critic(AutoModel.from_config(FAMILIES[family](), attn_implementation=attn(family))).eval()
+    torch.nn.init.normal_(model.value_head.weight, std=0.5)  # a zero head would say 0.5 everywhere
+    return model
+
+
+def random_states(seed: int = 0, count: int = 5):
+    """States of 5 to 12 tokens with 2 to 4 candidates of 2 to 7 tokens: every row longer than WINDOW, rows of
+    different lengths (left padding)."""
+    g = torch.Generator().manual_seed(seed)
+    randint = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=g))  # noqa: E731
+    tokens = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    states = [tokens(randint(5, 12)) for _ in range(count)]
+    return states, [[tokens(randint(2, 7)) for _ in range(randint(2, 4))] for _ in states]
+
+
+def flat(nested) -> list:
+    return [x for xs in nested for x in xs]
+
+
+def logps_alone(model, states, actions) -> torch.Tensor:
+    return torch.tensor([logp_alone(model, s, a) for s, acts in zip(states, actions) for a in acts])  # [N]
+
+
+def values_alone(model, states, actions) -> torch.Tensor:
+    return torch.tensor([C.value_alone(model, s, a) for s, acts in zip(states, actions) for a in acts])  # [N]
+
+
+# ============================================================================= in process
+@pytest.mark.parametrize("family", EXACT)
+def test_logps_and_values_equal_each_pair_alone(family):
+    states, actions = random_states()
+    model, value_model = policy(family), critic(family)
+    with torch.no_grad():
+        shared, alone = dapo.action_logps(model, states, actions), logps_alone(model, states, actions)  # [N]
+        shared_v = torch.tensor(flat(C.action_values(value_model, list(zip(states, actions)), batch_actions=5)))
+        alone_v = values_alone(value_model, states, actions)  # [N]
+    assert alone.std() > 0.1 and alone_v.std() > 1e-2  # distinct numbers, so equality means something
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared_v, alone_v, rtol=1e-5, atol=1e-6)
+    check_packing(model, dapo.action_logps, logp_alone, list(zip(states, actions)), "log pi(a|s)")  # passes
+    C.check_action_values(value_model, list(zip(states, actions)))
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_the_window_matters_premise(family):
+    """Without the window in the mask the windowed families are off: the rows above do test the window."""
+    states, actions = random_states()
+    model = policy(family)
+    rows = shared_prefix_rows(states, actions, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=rows.input_ids, attention_mask=rows.allowed, position_ids=rows.position_ids).logits
+    token_logp = torch.log_softmax(logits[rows.token_row, rows.token_from], -1).gather(
+        -1, rows.input_ids[rows.token_row, rows.token_col][:, None]).squeeze(-1)  # [T]
+    unwindowed = torch.zeros(rows.num_actions).index_add(0, rows.token_action, token_logp)  # [N]
+    with torch.no_grad():
+        assert (unwindowed - logps_alone(model, states, actions)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_gradients_of_windowed_families_equal_each_pair_alone(family):
+    states, actions = random_states(seed=1)
+    model = policy(family).train()  # no dropout in these configs
+    weights = torch.randn(len(flat(actions)), generator=torch.Generator().manual_seed(2))  # [N]
+    (weights * dapo.action_logps(model, states, actions)).sum().backward()
+    shared = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad()
+    alone = []
+    for s, acts in zip(states, actions):
+        for a in acts:
+            ids = torch.tensor([s + a])  # [1, L]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, len(s) - 1:-1], -1)  # [|a|, V]
+            alone.append(logp.gather(-1, ids[0, len(s):, None]).sum())
+    (weights * torch.stack(alone)).sum().backward()
+    alone_grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert (shared - alone_grad).norm() <= 1e-5 * alone_grad.norm()
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_families_that_cannot_be_packed_are_refused_with_one_line(family):
+    states, actions = random_states()
+    asked = list(zip(states, actions))
+    with pytest.raises(InputError, match=REFUSED[family]) as e:
+        check_packing(policy(family), dapo.action_logps, logp_alone, asked, "log pi(a|s)")
+    assert f"model family {family}" in str(e.value) and "docs/pipeline.md" in str(e.value)
+    with pytest.raises(InputError, match=REFUSED[family]):
+        C.check_action_values(critic(family), asked)
+
+
+def test_a_mask_the_model_does_not_honour_is_caught_by_the_numbers(monkeypatch):
+    """The guard's numeric half, whatever the family: with the window left out of the masks (as before),
+    Mistral's rows are off by more than the tolerance, and the guard says by how much."""
+    monkeypatch.setattr("plumbing.shared_prefix.SharedPrefixRows.within_window", lambda self, window: self.allowed)
+    states, actions = random_states()
+    with pytest.raises(InputError, match=r"model family mistral .*log pi\(a\|s\) up to [\d.e-]+ away from each"):
+        check_packing(policy("mistral"), dapo.action_logps, logp_alone, list(zip(states, actions)), "log pi(a|s)")
+    with pytest.raises(InputError, match="the critic's V"):
+        C.check_action_values(critic("mistral"), list(zip(states, actions)))
+
+
+def test_checked_rows_reach_furthest_pad_and_hold_two_actions_each():
+    asked = [([1] * 3, [[5] * 2, [6] * 2]), ([1] * 9, [[7] * 8]), ([1] * 2, [[8]]), ([1] * 6, [[5], [6], [7]]),
+             ([1] * 4, [])]
+    rows = checked_rows(asked, per_state=2)
+    assert [len(s) for s, _ in rows] == [6, 9, 2]  # the two that reach furthest (9 and 17), then the shortest
+    assert [len(acts) for _, acts in rows] == [2, 2, 2]  # a single candidate gets a second one from the others
+    assert rows[1][1][0] == [7] * 8 and rows[0][1] == [[6], [7]]  # the longest actions (stable order)
+
+
+# ============================================================================= through dapo.py
+def save_family(family: str, tmp_path) -> tuple[str, str]:
+    """A policy directory and a critic directory (random value head) of the family, with a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", bos_token="t1", eos_token="t2")
+    policy_dir, critic_dir = str(tmp_path / "policy"), str(tmp_path / "critic")
+    policy(family).save_pretrained(policy_dir)
+    tok.save_pretrained(policy_dir)
+    C.save_critic(critic(family, seed=1), tok, critic_dir)
+    return policy_dir, critic_dir
+
+
+def write_rollout(tmp_path) -> tuple[str, list[dict]]:
+    """states.jsonl: the random states, their first candidate terminal (reward 1 or 0), the rest not."""
+    states, actions = random_states(seed=3, count=4)
+    records = [{"qid": str(i), "state_ids": s, "mc_value": 0.5,
+                "actions": [{"ids": a, "terminal": j == 0, "reward": float(i % 2), "completion_reward": float(j % 2)}
+                            for j, a in enumerate(acts)]} for i, (s, acts) in enumerate(zip(states, actions))]
+    rollout = tmp_path / "rollout"
+    rollout.mkdir()
+    (rollout / "states.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(rollout), records
+
+
+def run_dapo(policy_dir, critic_dir, rollout, out_dir, *extra, check=True):
+    return run_script("dapo.py", "--policy", policy_dir, "--critic", critic_dir, "--rollout_dir", rollout,
+                      "--out_dir", out_dir, "--min_gap", "0", "--beta", "0.3", "--lr", "1e-4",
+                      "--global_batch_actions", "16", "--micro_batch_actions", "16", *extra, check=check,
+                      env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_dapo_on_a_windowed_family_gives_each_pairs_q_and_log_pi_ref(family, tmp_path):
+    policy_dir, critic_dir = save_family(family, tmp_path)
+    rollout, records = write_rollout(tmp_path)
+    out = str(tmp_path / "actor")
+    run_dapo(policy_dir, critic_dir, rollout, out)
+    prepared = torch.load(out + ".work/prepared.pt", weights_only=False)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    value_model = C.load_critic(critic_dir, "cpu").eval()
+    with torch.no_grad():
+        q_alone = [[a["reward"] if a["terminal"] else C.value_alone(value_model, r["state_ids"], a["ids"])
+                    for a in r["actions"]] for r in records]
+        ref_alone = [logps_alone(model, [s["state_ids"]], [s["actions"]]).tolist() for s in prepared["train"]]
+    assert len(prepared["train"]) == len(records)
+    torch.testing.assert_close(torch.tensor(flat(prepared["q_values"])), torch.tensor(flat(q_alone)),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(flat(s["ref_logp"] for s in prepared["train"])),
+                               torch.tensor(flat(ref_alone)), rtol=1e-5, atol=1e-5)
+    assert os.path.isfile(os.path.join(out, "train_summary.json"))
+
+
+@pytest.mark.parametrize("family,q_source", [("lfm2", "critic"), ("bloom", "rollout")])
+def test_dapo_refuses_a_family_it_cannot_pack_with_one_line_and_writes_nothing(family, q_source, tmp_path):
+    """The critic's check refuses before any Q value (q_source critic), the policy's before log pi_ref."""
+    policy_dir, critic_dir = save_family(family, tmp_path)
+    rollout, _ = write_rollout(tmp_path)
+    out = str(tmp_path / "actor")
+    proc = run_dapo(policy_dir, critic_dir, rollout, out, "--q_source", q_source, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: model family {family}") and REFUSED[family] in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert ("kept (advantage gap" in proc.stdout) == (q_source == "rollout")  # printed once the Q values exist
+    assert not os.path.exists(out)
+    assert os.listdir(out + ".work") == ["settings.json"]  # check_rerun's record of the settings, no Q, no log pi
