@@ -44,6 +44,7 @@ class SharedPrefixRows:
         `layer_types` take as their per-type masks (Qwen2, Gemma 2/3, gpt-oss: their `causal_mask_mapping`).
         Flash-attention and the other kernels take no mask of this shape, hence the refusal; so are layer
         types that no mask describes (linear attention, convolution, state-space layers of hybrid models)."""
+        config = config.get_text_config(decoder=True)  # a vision-language model's language part holds the layers
         implementation = config._attn_implementation
         if implementation not in ("sdpa", "eager"):
             raise InputError(f"attn_implementation={implementation!r}: shared-prefix rows need a custom 4-D attention "

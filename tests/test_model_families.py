@@ -109,6 +109,22 @@ def test_the_window_matters_premise(family):
         assert (unwindowed - logps_alone(model, states, actions)).abs().max() > 1e-3
 
 
+def test_a_vision_language_gemma3_gets_the_windows_of_its_language_model():
+    """Gemma3ForConditionalGeneration, what AutoModelForCausalLM makes of a Gemma 3 checkpoint: its own config
+    has no layer types, its text_config has them."""
+    text = dict(SIZES, vocab_size=300, head_dim=8, sliding_window=WINDOW, sliding_window_pattern=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
+                                       boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    states, actions = random_states()
+    with torch.no_grad():
+        torch.testing.assert_close(dapo.action_logps(model, states, actions), logps_alone(model, states, actions),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_gradients_of_windowed_families_equal_each_pair_alone(family):
     states, actions = random_states(seed=1)
