@@ -7,7 +7,8 @@ grading.py read as the algorithm; what they need to run at scale lives here, one
     models         tokenizers, causal LMs, GGUF files, chat prompts, autocast
     checkpoints    resumable training state (torch.distributed.checkpoint), full weights for saving
     trainer        the rules critic.py and dapo.py share: work files, resume, the lr schedule, saving a model
-    shared_prefix  one row per state and all its candidate actions (stage B reads each state once)
+    shared_prefix  one row per state and all its candidate actions (stage B reads each state once), and the
+                   check that a model gives in them what each (state, action) alone gives
     generation     the batched KV-cache sampling engine of rollout.py and eval.py
     sandbox        runs untrusted programs for grading.py's code rewards
 

@@ -1,4 +1,5 @@
-"""Shared-prefix rows: one row per state holding the state once and then every candidate action after it."""
+"""Shared-prefix rows: one row per state holding the state once and then every candidate action after it, and
+the guard (check_packing) that refuses a model family whose rows do not give what each pair alone gives."""
 from __future__ import annotations
 
 import dataclasses
