@@ -19,6 +19,7 @@ completions):
      with fit.jsonl: log(pi_theta / pi_ref) of every training action after training, beside its advantage.
 Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
 attending to the state and to itself (plumbing.shared_prefix), instead of one row per (state, candidate).
+Before steps 1 and 4, a few states are run both ways: a model family whose rows differ is refused.
 
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
