@@ -88,7 +88,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ignore: tuple[str, ...], is_main: bool,
-                covers: Callable[[dict], bool] = lambda record: True) -> bool:
+                covers: Callable[[dict], bool] = lambda record: True, write_settings: bool = True) -> bool:
     """The one rule of the four scripts for a run over earlier output; call it before anything is written.
       - --overwrite true: out_dir, the settings file and the work paths are removed first; the run starts afresh.
       - Finished output (`done`, the JSON file a run writes last, with its settings under "config"): made with
@@ -98,7 +98,8 @@ def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ig
         `settings`: resumed only with the same settings, else stop, naming those that differ.
     `ignore` names the settings a rerun may change (where output goes, speed, logging, how many questions): none
     alters a saved result. `covers(done record)` says whether finished output holds all this command asks for
-    (more questions than it holds: resumed from the work, or refused when there is none)."""
+    (more questions than it holds: resumed from the work, or refused when there is none). The settings of this run
+    are written to `settings` unless write_settings is False (the caller writes them with its first piece of work)."""
     if cfg.overwrite:
         barrier()  # every rank has looked at the old output before rank 0 removes it
         if is_main:
@@ -133,7 +134,7 @@ def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ig
             raise InputError(f"{settings}: {out_dir} holds unfinished work of a run with other settings "
                              f"({_changed(ours, theirs)}); {retry}")
     barrier()  # every rank has compared before rank 0 rewrites the file
-    if is_main:
+    if is_main and write_settings:
         os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
         write_json_atomic(settings, ours)
     return False

@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from plumbing.checkpoints import load_training_state, save_training_state, training_meta
-from plumbing.runfiles import check_rerun, fingerprint
+from plumbing.runfiles import check_rerun, fingerprint, write_json_atomic
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -37,6 +37,7 @@ class TrainingRun:
     inputs: str  # fingerprint of the input files (plumbing.runfiles.fingerprint)
     world_size: int
     is_main: bool
+    recorded: bool = dataclasses.field(default=False, init=False)  # settings.json written
 
     @property
     def work_dir(self) -> str:
@@ -59,9 +60,22 @@ class TrainingRun:
         its finished output (`done`, a file in out_dir), so there is nothing to do. `extra` joins the fingerprint of
         the inputs (settings that change a cached result, for example)."""
         run = cls(cfg, ignore, fingerprint(*inputs, extra=extra), world_size, is_main)
-        finished = check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, done),
-                               os.path.join(run.work_dir, "settings.json"), [run.checkpoint], ignore, is_main)
+        finished = check_rerun(cfg, cfg.out_dir, os.path.join(cfg.out_dir, done), run.settings, [run.checkpoint],
+                               ignore, is_main, write_settings=False)
         return None if finished else run
+
+    @property
+    def settings(self) -> str:
+        return os.path.join(self.work_dir, "settings.json")
+
+    def record_settings(self) -> None:
+        """settings.json (the rerun rule), written with the run's first piece of work, not before: a run that a
+        check refuses after `start` (dapo.py's packing check, say) leaves nothing behind."""
+        if self.is_main and not self.recorded:
+            os.makedirs(self.work_dir, exist_ok=True)
+            settings = {k: v for k, v in self.identity.items() if k not in ("inputs", "world_size")}
+            write_json_atomic(self.settings, settings)
+        self.recorded = True
 
     def resume(self, model, optimizer) -> dict | None:
         """Load this run's checkpoint into the model and optimizer (built as when it was saved, sharded or not)
@@ -90,6 +104,7 @@ class TrainingRun:
         every, stop_after = self.cfg.checkpoint_every, self.cfg.stop_after
         stop = bool(stop_after) and step == stop_after and step < total
         if stop or (every > 0 and step % every == 0 and step < total):  # every rank writes what it holds
+            self.record_settings()
             save_training_state(self.checkpoint, model, optimizer, {**meta, "step": step, "run_id": self.identity})
         if stop and self.is_main:
             print(f"stopped after step {step} (--stop_after); rerun the same command to resume from "
@@ -100,7 +115,7 @@ class TrainingRun:
         """Once out_dir is complete: the checkpoint and the settings go (caches in the work folder stay)."""
         if not self.is_main:
             return
-        for path in (self.checkpoint, os.path.join(self.work_dir, "settings.json")):
+        for path in (self.checkpoint, self.settings):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
@@ -117,8 +132,8 @@ class TrainingRun:
 
     def save_cache(self, name: str, cache: dict) -> None:
         """Written atomically by rank 0: a kill while writing leaves the old cache or none."""
+        self.record_settings()
         if self.is_main:
-            os.makedirs(self.work_dir, exist_ok=True)
             path = os.path.join(self.work_dir, name)
             torch.save(cache, path + ".tmp")
             os.replace(path + ".tmp", path)
