@@ -161,7 +161,7 @@ def main() -> None:
     gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                batch_size=cfg.batch_size, vocab_size=len(tok))
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = progress(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.local_rank)
         for c in mine:
             chunk = chunks[c]
             g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1_000_000 * c)

@@ -267,7 +267,7 @@ def main() -> None:
     g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + len(done))
     t0, tokens = time.time(), 0
     with open(my_shard, "a", encoding="utf-8") as shard:
-        bar = progress(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.rank)
+        bar = progress(total=len(todo), desc=f"rollout rank {ddp.rank}", position=ddp.local_rank)
         for start in range(0, len(todo), cfg.questions_per_chunk):
             chunk = todo[start: start + cfg.questions_per_chunk]
             for record in rollout_chunk(model, tok, chunk, cfg, is_delim, g):

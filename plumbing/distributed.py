@@ -42,9 +42,11 @@ def dist_timeout() -> datetime.timedelta:
 
 
 def setup_distributed() -> Dist:
-    """One process under `python`, one per GPU (or CPU worker) under `torchrun`.
+    """One process under `python`, one per GPU (or CPU worker) under `torchrun`, on one node or several.
 
-    torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on the CPU (what the tests use)."""
+    torchrun sets RANK / WORLD_SIZE (over all nodes) and LOCAL_RANK (on this node): the local rank picks the GPU,
+    the global rank everything else (a rank's share of the work, its shard and checkpoint files; rank 0 alone
+    writes the shared files). NCCL on GPUs, gloo on the CPU (what the tests use)."""
     if int(os.environ.get("RANK", -1)) == -1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return Dist(0, 1, 0, device)
@@ -55,8 +57,10 @@ def setup_distributed() -> Dist:
         device = torch.device("cuda", local)
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        # Two CPU processes on two cores: one thread each, or they fight over the cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        # The processes of one machine share its cores (LOCAL_WORLD_SIZE: this node's processes, not all nodes'),
+        # never more threads than $OMP_NUM_THREADS asks for: two processes on two cores fight over more.
+        share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, min(share, torch.get_num_threads())))
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
     return Dist(rank, world, local, device)
@@ -80,6 +84,36 @@ def all_ranks_sum(x: float) -> float:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def check_shared_dir(directory: str) -> None:
+    """Stop, on every rank, unless every rank sees the files every other rank writes in directory. The ranks of
+    all nodes meet only in their output: rank 0 merges the others' shards, and every rank reads the settings,
+    caches and checkpoints written there. On a disk of its own, each node would go on alone and silently (a
+    merge of half the questions, or ranks out of step until the timeout). Each rank writes a file of a name
+    never used before (a name looked up earlier may be cached by an NFS client as missing), then looks for all."""
+    if not dist.is_initialized():
+        return
+    import socket
+    import uuid
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token = [uuid.uuid4().hex]
+    dist.broadcast_object_list(token, src=0)
+    name = os.path.join(directory, f".dapo-shared-{token[0]}-{{}}")
+    os.makedirs(directory, exist_ok=True)  # on a disk of its own, a node would not find rank 0's directory
+    with open(name.format(rank), "w"):
+        pass
+    dist.barrier()
+    unseen = sum(not os.path.exists(name.format(r)) for r in range(world))
+    seen = [None] * world
+    dist.all_gather_object(seen, (socket.gethostname(), rank, unseen))
+    dist.barrier()  # every rank has looked before the files go
+    os.remove(name.format(rank))
+    blind = [f"rank {r} on {host}" for host, r, n in seen if n]
+    if blind:
+        raise InputError(f"{directory}: {', '.join(blind)} cannot see the files of other ranks; under torchrun on "
+                         "several nodes --out_dir must be on a file system every node sees (NFS, Lustre, ...)")
 
 
 # Under DDP every rank holds the whole model, its gradients and AdamW state: 16 bytes per parameter, 112 GB for

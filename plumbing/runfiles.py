@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 
 from plumbing.cli import InputError
-from plumbing.distributed import barrier
+from plumbing.distributed import barrier, check_shared_dir
 
 
 def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False,
@@ -137,6 +137,7 @@ def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ig
     if is_main and write_settings:
         os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
         write_json_atomic(settings, ours)
+    check_shared_dir(os.path.dirname(settings) or ".")  # where the work and the settings go (several nodes)
     return False
 
 

@@ -2,8 +2,9 @@
 
 Computed from a model's config, not measured: counts of parameters are exact, activations are an estimate.
 
-    python tools/memory.py                                   # the table for the presets below
+    python tools/memory.py                                   # the table for the one-node presets below
     python tools/memory.py --config runs/base/config.json --gpus 8 --micro_batch 4 --seq_len 1024
+    python tools/memory.py --models Qwen2.5-72B --gpus 32 --accumulation false   # 4 nodes of 8 GPUs
 
 Per parameter, training in fp32 master weights with AdamW (bf16 only in the computation):
   weights 4 bytes, gradients 4, AdamW's two moments 8: 16 bytes. DDP holds all of it on every GPU, plus its
@@ -21,6 +22,10 @@ Activations with gradient checkpointing, bf16 (2 bytes), b sequences of s tokens
                      log-softmax); the critic has none (k = 0)
 H hidden size, L layers, I MLP size, d_kv = kv heads x head size, V vocabulary. Add about 1-2 GB for the CUDA
 context and allocator fragmentation.
+
+A second table: the whole model that every GPU holds outside the sharded training (fp32 for dapo.py's Q-value and
+log pi_ref passes and for each rank's load before --fsdp shards it; bf16 weights for rollout.py and eval.py,
+without their KV cache), and the CPU memory of a node whose ranks each load an fp32 copy (--gpus_per_node).
 """
 from __future__ import annotations
 
@@ -37,7 +42,11 @@ PRESETS = {
                             intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, attention_bias=True),
     "Llama-3.1-8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, attention_bias=False),
+    # Qwen2.5-72B-Instruct (the paper's largest policy): more than one 8-GPU node holds, even sharded.
+    "Qwen2.5-72B": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                        intermediate_size=29568, vocab_size=152064, tie_word_embeddings=False, attention_bias=True),
 }
+ONE_NODE = ["Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-Math-7B", "Llama-3.1-8B"]  # the default table
 GB = 1e9
 
 
@@ -88,10 +97,23 @@ def report(name: str, c: dict, args) -> list[str]:
     return rows
 
 
+def whole_copies(name: str, c: dict, gpus_per_node: int) -> list[str]:
+    """A markdown row per (model, role): GB of one whole fp32 copy and one whole bf16 copy, and of an fp32 copy
+    per rank in a node's CPU memory."""
+    rows = []
+    for role, critic in (("actor", False), ("critic", True)):
+        n = parameter_counts(c, critic)[0]
+        cpu = gpus_per_node * 4 * n / GB
+        rows.append(f"| {name} {role}, whole | {4 * n / GB:.1f} | {2 * n / GB:.1f} | {cpu:.0f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a Hugging Face config.json (default: the presets)")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the multi-GPU columns")
+    parser.add_argument("--models", default=",".join(ONE_NODE), help=f"presets, comma-separated: {', '.join(PRESETS)}")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the multi-GPU columns (all nodes together)")
+    parser.add_argument("--gpus_per_node", type=int, default=8, help="ranks per node, each loading its own copy")
     parser.add_argument("--micro_batch", type=int, default=4, help="sequences per forward pass per GPU")
     parser.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (state + action)")
     parser.add_argument("--logit_positions", type=int, default=128, help="dapo.py: positions with logits per sequence "
@@ -99,7 +121,10 @@ def main() -> None:
     parser.add_argument("--accumulation", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                         help="more than one micro-batch per rank and optimizer step (true/false)")
     args = parser.parse_args()
-    models = PRESETS
+    unknown = [m for m in args.models.split(",") if m not in PRESETS]
+    if unknown:
+        parser.error(f"--models: no preset {', '.join(unknown)} (presets: {', '.join(PRESETS)})")
+    models = {m: PRESETS[m] for m in args.models.split(",")}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             models = {args.config: json.load(f)}
@@ -112,6 +137,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, c in models.items():
         print("\n".join(report(name, c, args)))
+    print(f"\n| model | whole, fp32 (GB per GPU) | whole, bf16 (GB per GPU) | {args.gpus_per_node} fp32 copies "
+          "(GB of CPU memory per node) |")
+    print("|---|---|---|---|")
+    for name, c in models.items():
+        print("\n".join(whole_copies(name, c, args.gpus_per_node)))
 
 
 if __name__ == "__main__":
