@@ -87,11 +87,13 @@ def barrier() -> None:
 
 
 def check_shared_dir(directory: str) -> None:
-    """Stop, on every rank, unless every rank sees the files every other rank writes in directory. The ranks of
-    all nodes meet only in their output: rank 0 merges the others' shards, and every rank reads the settings,
-    caches and checkpoints written there. On a disk of its own, each node would go on alone and silently (a
-    merge of half the questions, or ranks out of step until the timeout). Each rank writes a file of a name
-    never used before (a name looked up earlier may be cached by an NFS client as missing), then looks for all."""
+    """Stop, on every rank, unless every rank sees the files every other rank writes where directory is (or will
+    be). The ranks of all nodes meet only in their output: rank 0 merges the others' shards, and every rank reads
+    the settings, caches and checkpoints written there. On a disk of its own, each node would go on alone and
+    silently (a merge of half the questions, or ranks out of step until the timeout). Each rank writes a file,
+    of a name never used before (an NFS client may cache a name looked up earlier as missing), in the nearest
+    directory that exists (what is created below it is on its disk: nothing is created here), then looks for
+    the others' files there."""
     if not dist.is_initialized():
         return
     import socket
@@ -100,20 +102,27 @@ def check_shared_dir(directory: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     token = [uuid.uuid4().hex]
     dist.broadcast_object_list(token, src=0)
-    name = os.path.join(directory, f".dapo-shared-{token[0]}-{{}}")
-    os.makedirs(directory, exist_ok=True)  # on a disk of its own, a node would not find rank 0's directory
-    with open(name.format(rank), "w"):
-        pass
+    near = os.path.abspath(directory)
+    while not os.path.isdir(near):
+        near = os.path.dirname(near)
+    name = os.path.join(near, f".dapo-shared-{token[0]}-{{}}")
+    try:
+        open(name.format(rank), "w").close()
+        wrote = True
+    except OSError:  # not writable here: this rank cannot write its output either; the others must still meet it
+        wrote = False
     dist.barrier()
     unseen = sum(not os.path.exists(name.format(r)) for r in range(world))
     seen = [None] * world
     dist.all_gather_object(seen, (socket.gethostname(), rank, unseen))
     dist.barrier()  # every rank has looked before the files go
-    os.remove(name.format(rank))
+    if wrote:
+        os.remove(name.format(rank))
     blind = [f"rank {r} on {host}" for host, r, n in seen if n]
     if blind:
-        raise InputError(f"{directory}: {', '.join(blind)} cannot see the files of other ranks; under torchrun on "
-                         "several nodes --out_dir must be on a file system every node sees (NFS, Lustre, ...)")
+        raise InputError(f"{directory}: {', '.join(blind)} cannot see the files of every other rank in {near}; "
+                         "under torchrun on several nodes --out_dir must be on a file system every node sees, "
+                         "writable by every rank (NFS, Lustre, ...)")
 
 
 # Under DDP every rank holds the whole model, its gradients and AdamW state: 16 bytes per parameter, 112 GB for

@@ -137,18 +137,19 @@ def test_eval_on_two_nodes_writes_every_question_once(toy_dir, tmp_path):
     assert "greedy accuracy" in node0 and "greedy accuracy" not in node1  # the table: global rank 0 alone prints
 
 
-# Every rank checks the directory of its work: first one they share, then one of its own per rank (as on nodes
-# without a shared disk).
+# Every rank checks the directory of its work: first one they share (not made yet), then one of its own per rank
+# (as on nodes without a shared disk).
 SHARED_OR_NOT = """
-import sys
+import os, sys
 sys.path.insert(0, ".")
 from plumbing.cli import InputError
 from plumbing.distributed import check_shared_dir, cleanup_distributed, setup_distributed
 ddp = setup_distributed()
-check_shared_dir(sys.argv[1])
+check_shared_dir(f"{sys.argv[1]}/shared/out")
 print(f"rank {ddp.rank}: shared", flush=True)
+os.makedirs(f"{sys.argv[1]}/rank{ddp.rank}")
 try:
-    check_shared_dir(f"{sys.argv[1]}/rank{ddp.rank}")
+    check_shared_dir(f"{sys.argv[1]}/rank{ddp.rank}/out")
 except InputError as e:
     print(f"rank {ddp.rank}: refused: {e}", flush=True)
 cleanup_distributed()
@@ -157,13 +158,15 @@ cleanup_distributed()
 
 def test_a_directory_some_rank_cannot_see_stops_every_rank(tmp_path):
     (tmp_path / "check.py").write_text(SHARED_OR_NOT)
-    node0, node1 = two_nodes(str(tmp_path / "check.py"), str(tmp_path / "out"))
+    (tmp_path / "runs").mkdir()
+    node0, node1 = two_nodes(str(tmp_path / "check.py"), str(tmp_path / "runs"))
     for rank, output in enumerate((node0, node1)):
         assert f"rank {rank}: shared" in output
         refused = next(line for line in output.splitlines() if line.startswith(f"rank {rank}: refused"))
         assert "rank 0 on" in refused and "rank 1 on" in refused and "every node sees" in refused
-    assert sorted(os.listdir(tmp_path / "out")) == ["rank0", "rank1"]  # the check leaves no file behind
-    assert not os.listdir(tmp_path / "out" / "rank0") and not os.listdir(tmp_path / "out" / "rank1")
+    # The check makes no directory and leaves no file behind.
+    assert sorted(os.listdir(tmp_path / "runs")) == ["rank0", "rank1"]
+    assert not os.listdir(tmp_path / "runs" / "rank0") and not os.listdir(tmp_path / "runs" / "rank1")
 
 
 def test_memory_table_of_72b_on_2_and_4_nodes():
