@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 from plumbing.cli import InputError
-from plumbing.sandbox import SandboxLimits, run_sandboxed
+from plumbing.sandbox import SandboxLimits, run_sandboxed, run_verified
 
 # ============================================================================= grading (math)
 _NUMBER = r"-?\d(?:[\d,]*\d)?(?:\.\d+)?|-?\.\d+"  # a comma ends a number unless a digit follows (1,000 but "25, so")
@@ -261,39 +261,82 @@ def _as_text(value) -> str:
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)  # TACO gives some as lists of lines
 
 
-def is_correct_code(response: str, problem: dict, limits: SandboxLimits = SandboxLimits()) -> bool:
-    """Reward r of a code response: its program (extract_code) passes every unit test of the problem, in the
-    HumanEval, MBPP or TACO/APPS layout (code_layout)."""
+# TACO's call-based tests, run by the verifier on the program's function. Answers are compared as JSON, the way
+# TACO stores them (a returned tuple is a list), and APPS and TACO often store a returned value wrapped in a list.
+_TACO_CALLS = """
+for args, want in zip(inputs, outputs):
+    got = json.loads(json.dumps(candidate(*args)))
+    assert got == want or (type(want) is list and len(want) == 1 and got == want[0])
+"""
+
+
+def _used_names(tests: str) -> list[str]:
+    """Every name some tests read (MBPP's: the program's functions and classes among them are called remotely)."""
+    try:
+        return sorted({node.id for node in ast.walk(ast.parse(tests)) if isinstance(node, ast.Name)})
+    except SyntaxError:  # the verifier reports it: the check fails
+        return []
+
+
+def _bound_names(code: str) -> set[str]:
+    """The names a module binds at its top level: its functions, classes, imports and variables."""
+    names = set()
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.alias):
+                names.add((inner.asname or inner.name).split(".")[0])
+            elif isinstance(inner, ast.Name) and isinstance(inner.ctx, ast.Store):
+                names.add(inner.id)
+    return names
+
+
+def check_code(response: str, problem: dict, limits: SandboxLimits = SandboxLimits()) -> tuple[bool, str]:
+    """Reward r of a code response and why: its program (extract_code) passes every unit test of the problem, in
+    the HumanEval, MBPP or TACO/APPS layout (code_layout). Call-based tests run in a verifier process that calls
+    the program's functions with plain data; the problem's own code (HumanEval's prompt with helpers such as
+    poly, MBPP's test_setup_code) is run there too, from the problem, not from the program."""
     code, layout = extract_code(response), code_layout(problem)
     if layout == "humaneval":
-        if re.search(rf"^def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.MULTILINE):
+        entry = problem["entry_point"]
+        if re.search(rf"^def\s+{re.escape(entry)}\s*\(", code, flags=re.MULTILINE):
             program = problem["prompt"] + "\n" + code  # a whole function: it replaces the prompt's stub
         else:  # the body of the prompt's function, as a completion model writes it
             indented = code.lstrip("\n")[:1] in (" ", "\t")
             program = problem["prompt"] + (code if indented else textwrap.indent(code, "    "))
-        tests = f"{problem['test']}\n\ncheck({problem['entry_point']})\n"
-        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", problem["entry_point"],
-                             limits=limits) is not None
+        tests = f"{problem['test']}\n\ncheck({entry})\n"
+        # The verifier runs the prompt (its own copy of the helpers) only when the tests use a name it binds
+        # (HumanEval/32's poly): most prompts only import typing, which takes longer than starting Python.
+        helpers = (_bound_names(problem["prompt"]) - {entry}) & set(_used_names(tests))
+        return run_verified(program, {"setup": problem["prompt"] if helpers else "", "tests": tests,
+                                      "remote": {entry: entry}, "tested": [entry]}, limits)
     if layout == "mbpp":
-        program = "\n".join([problem.get("test_setup_code") or "", code]) + "\n"
+        setup = problem.get("test_setup_code") or ""  # the tests' and the program's: it runs in both processes
         tests = "\n".join(problem["test_list"]) + "\n"
-        return run_sandboxed({"program.py": program, "tests.py": tests}, "tests", ",".join(_tested_names(tests)),
-                             limits=limits) is not None
+        return run_verified(setup + "\n" + code + "\n", {"setup": setup, "tests": tests, "tested": _tested_names(tests),
+                                                         "remote": {name: name for name in _used_names(tests)}}, limits)
     if layout == "taco":
         tests = _taco_tests(problem)
         inputs, outputs = tests["inputs"], tests["outputs"]
         if tests.get("fn_name"):  # call-based: fn_name(*inputs[i]) returns outputs[i]
-            ran = run_sandboxed({"program.py": code, "inputs.json": json.dumps(inputs)}, "call", tests["fn_name"],
-                                limits=limits)
-            # APPS and TACO often store a returned value wrapped in a list: [value]
-            return ran is not None and all(got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
-                                           for got, want in zip(json.loads(ran[1]), outputs))
-        for stdin, expected in zip(inputs, outputs):  # stdin/stdout: one process per input, as a judge runs it
-            ran = run_sandboxed({"program.py": code}, "stdio", stdin=_as_text(stdin), limits=limits)
-            if ran is None or not _same_output(ran[0], _as_text(expected)):
-                return False
-        return True
+            return run_verified(code, {"setup": "import json", "tests": _TACO_CALLS, "tested": ["candidate"],
+                                       "remote": {"candidate": tests["fn_name"]},
+                                       "data": {"inputs": inputs, "outputs": outputs}}, limits)
+        for i, (stdin, expected) in enumerate(zip(inputs, outputs)):  # stdin/stdout: one process per input
+            stdout = run_sandboxed(code, "stdio", stdin=_as_text(stdin), limits=limits)
+            if stdout is None:
+                return False, f"input {i}: the program did not run to its end"
+            if not _same_output(stdout, _as_text(expected)):
+                return False, f"input {i}: wrong output"
+        return True, f"right output on all {len(inputs)} inputs"
     raise ValueError(f"not a code problem (HumanEval, MBPP or TACO layout): fields {sorted(problem)}")
+
+
+def is_correct_code(response: str, problem: dict, limits: SandboxLimits = SandboxLimits()) -> bool:
+    """Reward r of a code response: 1 when its program passes every unit test of its problem (check_code)."""
+    return check_code(response, problem, limits)[0]
 
 
 def grade(response: str, reference, task: str, grader: str = "builtin") -> bool:
