@@ -343,6 +343,144 @@ def test_printing_1_gb_is_cut_off():
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200 * 1024  # never held in memory
 
 
+# ----------------------------------------------------------------------------- programs written against this harness
+# Issue 24. Each hostile program gives the right answers only if its attack works (else a - b, which is wrong), so
+# a pass would mean the attack got through. Before the verifier process (issue 24), the first four passed.
+HOSTILE = {
+    "reads the test file": (
+        "import ast, glob, os\n"
+        "ANSWERS = {}\n"
+        "PATHS = glob.glob('*') + glob.glob('/tmp/*.py') + glob.glob('/tmp/*/*.py')\n"
+        "for path in PATHS:\n"
+        "    try:\n        tree = ast.parse(open(path).read())\n    except Exception:\n        continue\n"
+        "    for node in ast.walk(tree):  # assert candidate(2, 3) == 5\n"
+        "        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Call):\n"
+        "            try:\n"
+        "                args = tuple(ast.literal_eval(arg) for arg in node.left.args)\n"
+        "                ANSWERS[args] = ast.literal_eval(node.comparators[0])\n"
+        "            except ValueError:\n                pass\n\n\n"
+        "def add(a, b):\n    return ANSWERS.get((a, b), a - b)\n"),
+    "reads the nonce from a frame": (
+        "import re, sys\n"
+        "frame = sys._getframe()\n"
+        "while frame:  # the proof that the tests ran, if it is in this process: print it and leave\n"
+        "    for value in [*frame.f_locals.values(), *frame.f_globals.values()]:\n"
+        "        text = value.decode(errors='replace') if isinstance(value, bytes) else str(value)\n"
+        "        for token in re.findall(r'\\b[0-9a-f]{32}\\b', text):\n"
+        "            sys.stdout.write('\\n' + token + '\\n')\n            sys.stdout.flush()\n"
+        "            import os\n            os._exit(0)\n"
+        "    frame = frame.f_back\n\n\n"
+        "def add(a, b):\n    return a - b\n"),
+    "walks gc.get_objects() for the test code": (
+        "import dis, gc\nCALLS = []\n\n\n"
+        "def answers():  # the constant after each call in the tests' check(): assert candidate(2, 3) == 5\n"
+        "    for obj in gc.get_objects():\n"
+        "        code = getattr(obj, '__code__', None)\n"
+        "        if type(code).__name__ == 'code' and code.co_name == 'check' and code.co_filename != 'program.py':\n"
+        "            ops = list(dis.get_instructions(code))\n"
+        "            return [b.argval for a, b, c in zip(ops, ops[1:], ops[2:]) if a.opname.startswith('CALL')\n"
+        "                    and b.opname == 'LOAD_CONST' and c.opname == 'COMPARE_OP']\n"
+        "    return []\n\n\n"
+        "def add(a, b):\n    found = answers()\n    CALLS.append(1)\n"
+        "    return found[len(CALLS) - 1] if len(found) >= len(CALLS) else a - b\n"),
+    "patches builtins and AssertionError": (
+        "import builtins\n\n\nclass Any:\n    def __eq__(self, other):\n        return True\n\n\n"
+        "builtins.set = lambda *args: Any()  # the MBPP tests compare set(similar_elements(...)) == {4, 5}\n"
+        "builtins.AssertionError = type('AssertionError', (Exception,), {})\n"
+        "builtins.abs = lambda x: 0\n\n\n"
+        "def similar_elements(a, b):\n    return ()\n\n\ndef add(a, b):\n    return a - b\n"),
+    "returns a value whose type lies about itself": (
+        "class Liar(int):\n    __class__ = property(lambda self: int)  # isinstance(x, int), type(x) is Liar\n\n"
+        "    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n\n\n"
+        "class Lie:\n    __class__ = property(lambda self: tuple)\n\n"
+        "    def __eq__(self, other):\n        return True\n\n\n"
+        "def similar_elements(a, b):\n    return Lie()\n\n\ndef add(a, b):\n    return Liar(a - b)\n"),
+}
+
+
+@pytest.mark.parametrize("hack", HOSTILE)
+def test_programs_written_against_the_harness_are_graded_wrong(hack):
+    for problem in (ADD, SHARED):
+        passed, reason = grading.check_code(PY(HOSTILE[hack]), problem, FAST)
+        assert not passed, f"{hack} passed {problem.get('task_id')}: {reason}"
+    if hack == "returns a value whose type lies about itself":
+        assert "not plain data" in grading.check_code(PY(HOSTILE[hack]), ADD, FAST)[1]
+    assert is_correct_code(GOOD_ADD, ADD, FAST)  # and the honest program passes beside them
+
+
+def private_scratch_or_skip():
+    if not sandbox._sandbox().private:
+        pytest.skip("no mount namespace with root in it here: /tmp, /var/tmp and /dev/shm are shared (docs)")
+
+
+def test_a_planted_file_is_gone_for_the_next_check():
+    private_scratch_or_skip()
+    marker = f"planted-{os.getpid()}-{time.monotonic_ns()}"
+    paths = [f"{place}/{marker}" for place in ("/tmp", "/var/tmp", "/dev/shm")]
+    plant = (f"PATHS = {paths!r}\nfor path in PATHS:\n    open(path, 'w').write('for the next check')\n"
+             "assert all(open(path).read() == 'for the next check' for path in PATHS)  # its scratch is writable\n"
+             "open('mine.txt', 'w').write('x')\n\n\ndef add(a, b):\n    return a + b\n")
+    assert grading.check_code(PY(plant), ADD, FAST) == (True, "every test passed (2 calls to the program)")
+    assert not any(map(os.path.exists, paths))  # nothing reached this machine's /tmp
+    harvest = (f"import os\nFOUND = any(os.path.exists(path) for path in {paths!r})\n\n\n"
+               "def add(a, b):\n    return a + b if FOUND else a - b\n")
+    assert not is_correct_code(PY(harvest), ADD, FAST)
+    assert is_correct_code(PY(harvest.replace("if FOUND else", "if True else")), ADD, FAST)  # control
+
+
+def test_a_check_cannot_read_another_checks_files():
+    private_scratch_or_skip()
+    marker = f"secret-{os.getpid()}-{time.monotonic_ns()}"
+    holder = (f"import time\nopen('{marker}', 'w').write('x')\nopen('/tmp/{marker}', 'w').write('x')\n"
+              "time.sleep(1.5)\n\n\ndef add(a, b):\n    return a + b\n")
+    seeker = ("import glob, time\ntime.sleep(0.5)  # while the other check holds its files\n"
+              f"FOUND = glob.glob('/tmp/**/{marker}', recursive=True) + glob.glob('/proc/*/cwd/{marker}')\n"
+              f"FOUND += glob.glob('/var/tmp/**/{marker}', recursive=True) + glob.glob('/dev/shm/**/{marker}', "
+              "recursive=True)\n\n\ndef add(a, b):\n    return a + b if FOUND else a - b\n")
+    assert grade_batch([PY(holder), PY(seeker)], [ADD, ADD], "code", workers=2) == [True, False]
+
+
+LISTING = {"task_id": 24, "text": "List your directory.", "test_list": ["assert listing() == ['program.py']"]}
+LISTING_CALL = {"question": "List your directory.",
+                "input_output": {"fn_name": "listing", "inputs": [[]], "outputs": [[["program.py"]]]}}
+
+
+def test_the_program_sees_neither_tests_nor_answers():
+    """Its directory holds program.py only (the tests and the expected outputs stay in the verifier's memory);
+    with a private scratch space, /tmp holds that directory only and /var/tmp, /dev/shm are empty."""
+    listing = PY("import os\n\n\ndef listing():\n    return sorted(os.listdir('.'))\n")
+    assert grading.check_code(listing, LISTING, FAST)[0]  # MBPP
+    assert grading.check_code(listing, LISTING_CALL, FAST)[0]  # TACO, call-based
+    if sandbox._sandbox().private:
+        seen = json.loads(run_sandboxed("import json, os\nprint(json.dumps([os.getcwd(), os.listdir('/tmp'), "
+                                        "os.listdir('/var/tmp'), os.listdir('/dev/shm')]))", "script", limits=FAST))
+        assert seen[1:] == [[os.path.basename(seen[0])], [], []]
+
+
+APPLY = {"task_id": "toy/4", "entry_point": "apply",
+         "prompt": 'def apply(f, x):\n    """Return f(x)."""\n',
+         "test": "def check(candidate):\n    assert candidate(lambda x: x + 1, 2) == 3\n"}
+HELPER = {"task_id": "toy/5", "entry_point": "quad",  # HumanEval/32's shape: the tests use the prompt's helper
+          "prompt": "def double(x):\n    return 2 * x\n\n\ndef quad(x):\n    \"\"\"Return double(double(x)).\"\"\"\n",
+          "test": "def check(candidate):\n    assert candidate(3) == double(6)\n"}
+
+
+def test_what_cannot_cross_fails_with_the_reason():
+    passed, reason = grading.check_code(PY("def apply(f, x):\n    return f(x)"), APPLY, FAST)
+    assert not passed and "pass a function to apply" in reason
+    passed, reason = grading.check_code(PY("def add(a, b):\n    return iter([a + b])"), ADD, FAST)
+    assert not passed and "add returned a list_iterator, not plain data" in reason
+    passed, reason = grading.check_code(PY("def add(a, b):\n    return a - b"), ADD, FAST)
+    assert not passed and reason == "a test failed: assert candidate(2, 3) == 5"
+    assert grading.check_code(PY("print(1"), ADD, FAST)[1].startswith("the program raised SyntaxError")
+
+
+def test_the_prompts_helpers_come_from_the_problem():
+    assert is_correct_code("    return double(double(x))\n", HELPER, FAST)  # the program may use them
+    redefined = "def double(x):\n    return 0\n\n\ndef quad(x):\n    return 0"  # 0 == double(6) with its double
+    assert not is_correct_code(PY(redefined), HELPER, FAST)
+
+
 def test_checks_run_in_parallel():
     slow = PY("import time\ntime.sleep(1)\n" + SHARED_CODE)
     responses = [slow, slow, slow, slow, BAD_ADD, None, GOOD_ADD]
