@@ -178,11 +178,11 @@ def is_correct_math_verify(response: str, reference: str) -> bool:
 
 
 # ============================================================================= grading (code)
-# The reward of a code response is 1 when its program passes every unit test of the problem. The program is
-# untrusted, so each check runs in a sandbox: a fresh `python -I` in a fresh temporary directory (removed
-# afterwards) with an empty environment and limits on wall-clock time, CPU time, memory, file size, processes
-# and output; in new network, PID and mount namespaces where the OS allows; and, when we are root, as an
-# unprivileged user, since the kernel does not apply RLIMIT_NPROC to root. It is not a container:
+# The reward of a code response is 1 when its program passes every unit test of the problem. A policy trained on
+# this reward is rewarded for fooling it, so the program runs in a sandbox (plumbing/sandbox.py: a fresh
+# interpreter, an empty environment, limits, an unprivileged user, new namespaces, a private file system) and,
+# for call-based problems, the tests run in a verifier process that never runs the program: they call its
+# functions over a pipe and compare plain data, where the program cannot reach. It is not a container:
 # docs/code-tasks.md says what it does and does not isolate.
 CODE_INSTRUCTION = "Write a Python solution in a ```python code block."
 
