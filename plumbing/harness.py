@@ -8,8 +8,8 @@
 #   tested functions are proxies: a call sends its arguments to the program's process and receives the value
 #   back, so `assert candidate(x) == y` is evaluated here, where no line of the program ever runs. Only plain
 #   data crosses, in a small format of its own (below): what this process decodes is built by its own
-#   constructors from bytes, so each value is exactly the built-in type it says, whatever the program sent.
-# Both start in a few milliseconds: no json, re or ast to import (each would cost about as much as Python's start).
+#   constructors from bytes, so each value is exactly the built-in type it says, whatever the program sent
+#   (and without json, re or ast to import, each of which would cost about as much as Python's start).
 from __future__ import annotations
 
 import builtins
@@ -120,8 +120,7 @@ def _decode(data: bytes, i: int, other):
 
 
 def dumps(value, other) -> bytes:
-    out = []
-    encode(value, other, out)
+    encode(value, other, out := [])
     return b"".join(out)
 
 
@@ -183,7 +182,9 @@ def serve(program: str, requests: int, replies: int) -> None:
     except BaseException as e:  # exit() too: the tests have not run
         _send(replies, b"e", f"the program raised {_describe(e)} before the tests".encode())
         return
-    _send(replies, b"n", dumps([name for name, value in namespace.items() if callable(value)], None))
+    names = {name: value.__name__ if type(value) is type(sys) else "" for name, value in namespace.items()
+             if callable(value) or type(value) is type(sys)}  # its functions and classes, and its modules by name
+    _send(replies, b"n", dumps(names, None))
 
     def resolve(name: str):
         if name in namespace:
@@ -339,9 +340,13 @@ def run_tests(header: dict, link: Link) -> tuple[bool, str]:
     link.problem_objects = {id(value): name for name, value in namespace.items()  # MBPP's trees: passed by name
                             if not callable(value) and type(value).__name__ != "module"}
     names = link.receive(None)
+    names = names if type(names) is dict else {}
     for local, remote in header["remote"].items():  # a built-in name is the program's only when it defines it
         tested = local in header["tested"]
-        if tested or (local not in namespace and (not hasattr(builtins, local) or remote in names)):
+        if not tested and (local in namespace or names.get(remote) == local):
+            if local not in namespace:  # MBPP's `math.isclose(...)`, where the program imported math: ours
+                namespace[local] = __import__(local)
+        elif tested or not hasattr(builtins, local) or remote in names:
             namespace[local] = Remote(link, remote, plain=tested)
     namespace.update(header["data"])
     tests = header["tests"]

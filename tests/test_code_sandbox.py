@@ -58,6 +58,8 @@ TREE = {"task_id": 927, "text": "Write a function to find the depth of a tree.",
          "test_setup_code": "class Node:\n    def __init__(self, kids=()):\n        self.kids = list(kids)\n\n\n"
                             "root = Node([Node(), Node([Node()])])\nleaf = Node()",
          "test_list": ["assert depth(root) == 3", "assert depth(leaf) == 1"]}
+AREA = {"task_id": 17, "text": "Write a function to find the area of a circle.",  # MBPP sanitized's style
+        "test_list": ["assert math.isclose(area(10), 314.1592653589793, rel_tol=0.001)"]}
 DEPTH_CODE = "def depth(node):\n    return 1 + max(map(depth, node.kids), default=0)\n"
 
 # ----------------------------------------------------------------------------- TACO/APPS-style
@@ -125,6 +127,8 @@ CASES = [  # (name, response, problem, expected reward)
     ("humaneval: a helper may return anything to the program itself",
      PY("def steps(l):\n    return (x + 1 for x in l)\n\n\ndef incr_list(l):\n    return list(steps(l))"), INCR, True),
     ("mbpp: the tests pass objects that test_setup_code built", PY(DEPTH_CODE), TREE, True),
+    ("mbpp: the tests use a module the program imported",
+     PY("import math\n\n\ndef area(r):\n    return math.pi * r * r"), AREA, True),
     ("mbpp: ... and the program's answer about them is checked", PY(DEPTH_CODE.replace("1 +", "2 +")), TREE, False),
     ("taco call: an object equal to everything is no answer",
      PY("class Any:\n    def __eq__(self, other):\n        return True\ndef twoSum(nums, target):\n    return Any()"),
