@@ -281,7 +281,11 @@ def _used_names(tests: str) -> list[str]:
 def _bound_names(code: str) -> set[str]:
     """The names a module binds at its top level: its functions, classes, imports and variables."""
     names = set()
-    for node in ast.parse(code).body:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:  # the program, which starts with it, fails too
+        return names
+    for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
             continue

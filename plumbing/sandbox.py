@@ -20,8 +20,9 @@ import time
 from plumbing import harness
 
 SANDBOX_USER = 65534  # "nobody": the program's user and group when we are root
-# The harness runs as code compiled once by the sandbox's own interpreter, passed in argv: compiling its text
-# would cost each process (two per check) several milliseconds, and the sandbox user may not read our files.
+# The harness runs as code compiled once by the sandbox's own interpreter, passed in argv (64 KB of hex, of the
+# 128 KB Linux allows an argument): compiling its text would cost each process (two per check) several
+# milliseconds, and the sandbox user may not read our files.
 _HARNESS = open(harness.__file__, encoding="utf-8").read()
 _COMPILE = "import marshal, sys; sys.stdout.write(marshal.dumps(compile(sys.stdin.read(), 'harness', 'exec')).hex())"
 _BOOT = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[1])))"
@@ -196,7 +197,7 @@ def run_verified(program: str, tests: dict, limits: SandboxLimits = SandboxLimit
     """Test a program's functions from a verifier process that never runs the program. tests: "setup" (the
     problem's own code, run first), "tests" (code whose asserts decide), "remote" (the tests' name for each
     of the program's functions they call), "tested" (those names whose every value must be plain data), "data"
-    (more names for the tests, JSON). The program's process serves its functions over two pipes; plain data
+    (more names for the tests: plain data). The program's process serves its functions over two pipes; plain data
     crosses them. (passed, why), from the verifier's verdict alone."""
     box = _sandbox()
     requests_r, requests_w = os.pipe()
