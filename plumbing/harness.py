@@ -363,7 +363,7 @@ def run_tests(header: dict, link: Link) -> tuple[bool, str]:
         return False, link.fault or f"the tests raised {_describe(e)}"
     if link.fault:
         return False, link.fault
-    return True, f"every test passed ({link.calls} calls to the program)"
+    return True, f"every test passed ({link.calls} call{'s' * (link.calls != 1)} to the program)"
 
 
 def verifier_process(header: dict) -> None:
