@@ -13,11 +13,15 @@ Training, one pass per solution:
   3. Causal attention means the hidden state at position step_ends[t] - 1 of the whole solution is the
      hidden state of s_t on its own: ONE forward pass gives V(s_0), ..., V(s_{T-1}).
   4. Loss against the MC label: MSE (arXiv version, the default) or soft-label binary cross-entropy
-     (NeurIPS version: no vanishing gradient when V saturates), averaged so that every distinct state counts
-     once: s_0 is in all n kept solutions of a question and a shared prefix in several, so each state's term
-     is weighted by 1 / (the number of its question's solutions that contain it), and a batch's loss is the
-     weighted mean of its terms (over an epoch: the mean over distinct states). AdamW, warm-up then linear
-     decay, gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+     (NeurIPS version: no vanishing gradient when V saturates), weighted so that every distinct state counts
+     once in the data: s_0 is in all n kept solutions of a question and a shared prefix in several, so each
+     state's term is weighted by 1 / (the number of its question's solutions that contain it), and a distinct
+     state's weights add up to 1. A step's loss is the weighted mean over its batch (the weighted sum divided
+     by that batch's own total weight): exactly the mean over distinct states when one batch holds every
+     solution; with several batches a state's share of an epoch also depends on the total weight of the
+     batches its solutions fall in, which differs from batch to batch. Dropout is off (the critic learns the
+     function it is queried as, in eval mode). AdamW, warm-up then linear decay, gradient clipping, gradient
+     accumulation, bf16 autocast on CUDA.
   5. Held-out MSE, Pearson r and a calibration table (predicted V in bins vs. mean MC label), printed and
      written to out_dir/metrics.json; the critic is saved as one directory that `load_critic` reads back.
 
@@ -49,8 +53,8 @@ from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   setup_distributed, sync_gradients)
-from plumbing.models import (autocast, check_model_path, check_shardable, enable_checkpointing, load_pretrained,
-                             load_tokenizer)
+from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
+                             load_pretrained, load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
 from plumbing.trainer import lr_at, set_lr, TrainingRun
@@ -395,6 +399,7 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
     if cfg.gradient_checkpointing:
         enable_checkpointing(critic.backbone)
     critic.train()
+    disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
     model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     meta = training.resume(critic, optimizer)

@@ -64,7 +64,8 @@ from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   on_all_ranks, setup_distributed, sync_gradients)
-from plumbing.models import autocast, check_shardable, enable_checkpointing, load_causal_lm, load_tokenizer
+from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
+                             load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
 from plumbing.shared_prefix import check_packing, logp_alone, pack, shared_prefix_rows
 from plumbing.trainer import lr_at, set_lr, TrainingRun
@@ -397,6 +398,7 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
+    disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     meta = training.resume(model, optimizer)

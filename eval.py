@@ -34,7 +34,7 @@ from transformers import set_seed
 
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import barrier, cleanup_distributed, setup_distributed
-from plumbing.models import load_causal_lm, load_tokenizer
+from plumbing.models import eos_token_ids, load_causal_lm, load_tokenizer
 from plumbing.runfiles import (append_jsonl, check_rerun, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
@@ -158,7 +158,7 @@ def main() -> None:
         print(f"{len(questions)} questions, {sum(len(chunks[c]) for c in done)} already done, {ddp.world_size} rank(s)")
 
     t0 = time.time()
-    gen = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+    gen = dict(eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                batch_size=cfg.batch_size, vocab_size=len(tok))
     with open(my_shard, "a", encoding="utf-8") as shard:
         bar = progress(total=sum(len(chunks[c]) for c in mine), desc=f"eval rank {ddp.rank}", position=ddp.local_rank)

@@ -31,7 +31,7 @@ import torch
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.generation import generate
 from plumbing.distributed import all_ranks_sum, barrier, cleanup_distributed, setup_distributed
-from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, load_causal_lm, load_tokenizer
+from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, eos_token_ids, load_causal_lm, load_tokenizer
 from plumbing.runfiles import (append_jsonl, check_rerun, read_jsonl, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
@@ -87,16 +87,16 @@ def delimiter_token_mask(tok, delimiter: str) -> torch.Tensor:
     return torch.tensor([delimiter in t for t in texts], dtype=torch.bool)
 
 
-def split_steps(response_ids: list[int], is_delim: torch.Tensor, eos_id: int | None) -> list[list[int]]:
-    """Cut a response into steps: each step ends with a delimiter token; the last one ends with EOS
-    (kept: it is the action that ends the solution) or is cut by the token limit."""
+def split_steps(response_ids: list[int], is_delim: torch.Tensor, eos_ids: set[int]) -> list[list[int]]:
+    """Cut a response into steps: each step ends with a delimiter token; the last one ends with an EOS, any of
+    the model's (kept: it is the action that ends the solution), or is cut by the token limit."""
     steps, current = [], []
     for t in response_ids:
         current.append(t)
-        if t == eos_id or bool(is_delim[t]):
+        if t in eos_ids or bool(is_delim[t]):
             steps.append(current)
             current = []
-            if t == eos_id:
+            if t in eos_ids:
                 break
     if current:
         steps.append(current)
@@ -121,8 +121,8 @@ def mc_value(correct: list[bool]) -> float:
 def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torch.Tensor,
                   g: torch.Generator) -> list[dict]:
     """Steps 1-4 of the docstring for a chunk of questions; returns one record per question."""
-    eos = tok.eos_token_id
-    gen = dict(eos_id=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    eos = eos_token_ids(tok, model)  # every EOS id ends a solution (instruct models have several)
+    gen = dict(eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                top_p=cfg.top_p, batch_size=cfg.batch_size, generator=g, vocab_size=len(tok))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 

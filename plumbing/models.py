@@ -16,8 +16,9 @@ DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer wit
 
 
 def check_model_path(path: str, what: str = "model") -> None:
-    """A local directory (or GGUF file) must exist; a hub-style name ("org/name") is left to transformers."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/"
+    """A local directory or GGUF file must exist; a hub-style name ("org/name", not ending in .gguf: transformers
+    reads a GGUF file from a directory only) is left to transformers."""
+    looks_local = path.endswith(".gguf") or path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/"
     if looks_local and not os.path.exists(path):
         kind = "GGUF model file" if path.endswith(".gguf") else f"{what} path"
         raise InputError(f"{path}: {kind} does not exist")
@@ -26,9 +27,11 @@ def check_model_path(path: str, what: str = "model") -> None:
 def gguf_source(path: str) -> tuple[str, dict]:
     """from_pretrained arguments for a model path: a GGUF file (name ending in .gguf) is read as (its
     directory, gguf_file=its name) and dequantised to float, which needs the optional packages gguf and
-    accelerate (requirements-optional.txt); anything else is passed on unchanged."""
+    accelerate (requirements-optional.txt); anything else is passed on unchanged. A GGUF file is always
+    local: one that does not exist says so, whichever packages are installed."""
     if not path.endswith(".gguf"):
         return path, {}
+    check_model_path(path)
     import importlib.util
 
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
@@ -92,6 +95,18 @@ def load_causal_lm(path: str, device: torch.device, dtype: torch.dtype = torch.f
     return model.to(device)
 
 
+def eos_token_ids(tok, model=None) -> set[int]:
+    """Every token id that ends a response: the tokenizer's EOS and each EOS id of the model's generation
+    config, one id or a list (instruct models list several: Llama-3.1-Instruct three, Qwen2.5-Instruct two).
+    A response that ends with one the sampler does not know runs on to the token limit and is graded wrong.
+    from_pretrained reads generation_config.json, or builds the generation config from config.json when
+    there is none (a directory without the file, a GGUF file: GGUF stores one EOS id); a model without any
+    (not a transformers model) leaves the tokenizer's."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return {int(i) for i in [tok.eos_token_id, *listed] if i is not None}
+
+
 def build_prompt_ids(tok, question: str, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
     """The prompt of a question as token ids: the model's chat template when it has one, else a plain
     '{question}\\n{instruction}\\n' (the toy model's format)."""
@@ -100,6 +115,30 @@ def build_prompt_ids(tok, question: str, instruction: str = DEFAULT_INSTRUCTION)
         ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tok(content + "\n").input_ids
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off for training, the model staying in train mode (gradient checkpointing runs only in train
+    mode). log pi_ref is computed in eval mode, so with dropout on log(pi/pi_ref) would not be 0 at theta =
+    theta_ref, and a critic trained with dropout would not be the function it is queried as. Every dropout
+    module gets p = 0, and so does every float named like a dropout rate (attention_dropout, dropout,
+    attn_pdrop, layerdrop, ...) held by a module or by its config: attention functions and layer drop read
+    them beside self.training, some (Persimmon) from the config. A saved model's config then says 0."""
+    from transformers import PretrainedConfig
+
+    def zero_rates(holder, seen: set) -> None:
+        for name, value in list(vars(holder).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(holder, name, 0.0)
+            elif isinstance(value, PretrainedConfig) and id(value) not in seen:  # a config, or a sub-config
+                seen.add(id(value))
+                zero_rates(value, seen)
+
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        zero_rates(module, seen)
 
 
 def enable_checkpointing(model) -> None:

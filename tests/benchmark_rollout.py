@@ -46,8 +46,9 @@ class Config:
 def tokens_per_second(model, prompts, tok, cfg: Config, batch_size: int, desc: str) -> tuple[float, int, float]:
     g = torch.Generator(next(model.parameters()).device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    out = generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, batch_size=batch_size, generator=g, desc=desc)
+    out = generate(model, prompts, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, batch_size=batch_size,
+                   generator=g, desc=desc)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ def test_greedy_generation_on_the_gpu_matches_the_cpu():
     rng = random.Random(0)
     distinct = [[rng.randrange(2, 48) for _ in range(n)] for n in (3, 9, 5)]
     prompts = [distinct[i] for i in (0, 1, 0, 2, 1, 0)]
-    kw = dict(eos_id=1, pad_id=0, max_new_tokens=12, temperature=0.0, batch_size=4, vocab_size=48)
+    kw = dict(eos_ids={1}, pad_id=0, max_new_tokens=12, temperature=0.0, batch_size=4, vocab_size=48)
     model = tiny_random_llama()
     cpu = generate(model, prompts, **kw)
     gpu = generate(model.to("cuda"), prompts, **kw)
@@ -32,7 +32,7 @@ def test_greedy_generation_on_the_gpu_matches_the_cpu():
 def test_bf16_sampling_on_the_gpu_stays_in_the_vocabulary():
     model = tiny_random_llama(vocab=56).to("cuda", torch.bfloat16)  # 8 embedding rows beyond a 48-token tokenizer
     g = torch.Generator("cuda").manual_seed(0)
-    out = generate(model, [[5, 6, 7]] * 8 + [[9]] * 8, eos_id=1, pad_id=0, max_new_tokens=10, temperature=1.0,
+    out = generate(model, [[5, 6, 7]] * 8 + [[9]] * 8, eos_ids={1}, pad_id=0, max_new_tokens=10, temperature=1.0,
                    top_p=0.9, generator=g, vocab_size=48)
     assert all(0 <= t < 48 for o in out for t in o.ids) and all(o.finish in ("eos", "length") for o in out)
 

@@ -217,8 +217,8 @@ def test_actor_is_a_policy_directory_with_metrics(actor, toy_dir):
     assert "states:" in proc.stdout and "kept (advantage gap >= 0.1)" in proc.stdout
     tok = load_tokenizer(str(out))
     model = load_causal_lm(str(out), torch.device("cpu"))
-    gen = generate(model, [tok("Start with 3. Add 4.\n").input_ids], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                   max_new_tokens=5, temperature=0)
+    gen = generate(model, [tok("Start with 3. Add 4.\n").input_ids], eos_ids={tok.eos_token_id},
+                   pad_id=tok.pad_token_id, max_new_tokens=5, temperature=0)
     assert len(gen[0].ids) > 0
     log = read_log(out)
     assert len(log) >= 2 and {"loss", "abs_log_ratio", "corr", "moved", "lr", "grad_norm"} <= set(log[0])

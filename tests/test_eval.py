@@ -50,7 +50,7 @@ def test_greedy_accuracy_equals_a_hand_count(toy_dir, one_process):
     tok = load_tokenizer(str(toy_dir / "sft"))
     model = load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
     prompts = [build_prompt_ids(tok, q["question"]) for q in questions]
-    gens = generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+    gens = generate(model, prompts, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
                     max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
     texts = [tok.decode(g.ids, skip_special_tokens=True) for g in gens]
     # By hand: the last \boxed{N}, or (the grader's fallback for a response that boxes nothing) the last number.

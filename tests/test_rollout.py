@@ -72,13 +72,13 @@ def test_split_steps_toy_tokenizer():
     assert [tok.decode([i]) for i in is_delim.nonzero().flatten().tolist()] == ["\n"]
     steps_text = ["Add: 3+4=7\n", "Multiply: 7*2=4\n", "Subtract: 4-5=\\boxed{9}"]
     ids = tok("".join(steps_text)).input_ids + [eos]
-    steps = split_steps(ids, is_delim, eos)
+    steps = split_steps(ids, is_delim, {eos})
     assert [tok.decode(s, skip_special_tokens=True) for s in steps] == steps_text
     assert sum(steps, []) == ids and steps[-1][-1] == eos  # EOS belongs to the last action
     # Tokens after EOS are no part of the response; a response cut by the limit keeps its partial last step.
-    assert split_steps(ids + ids[:3], is_delim, eos) == steps
+    assert split_steps(ids + ids[:3], is_delim, {eos}) == steps
     cut = ids[:-4]
-    assert split_steps(cut, is_delim, eos) == steps[:2] + [steps[2][:-4]]
+    assert split_steps(cut, is_delim, {eos}) == steps[:2] + [steps[2][:-4]]
 
 
 def test_split_steps_merged_newline_tokens():
@@ -90,7 +90,7 @@ def test_split_steps_merged_newline_tokens():
     text = "step one.\nstep two\n\nso 3+4=7.\nlast"
     ids = tok(text).input_ids
     assert tok.convert_ids_to_tokens(ids).count(".\n") == 2 and "\n\n" in tok.convert_ids_to_tokens(ids)
-    steps = split_steps(ids + [eos], is_delim, eos)
+    steps = split_steps(ids + [eos], is_delim, {eos})
     assert [tok.decode(s) for s in steps] == ["step one.\n", "step two\n\n", "so 3+4=7.\n", "last</s>"]
     for step in steps[:-1]:  # a step ends at the FIRST token containing the delimiter, and only there
         assert is_delim[step[-1]] and not is_delim[step[:-1]].any()
@@ -108,7 +108,7 @@ def test_delimiter_is_a_setting():
     is_delim = delimiter_token_mask(tok, "\n\n")
     assert {tok.convert_ids_to_tokens(i) for i in is_delim.nonzero().flatten().tolist()} == {"\n\n"}
     ids = tok("a.\nb\n\nc").input_ids + [tok.eos_token_id]
-    assert [tok.decode(s) for s in split_steps(ids, is_delim, tok.eos_token_id)] == ["a.\nb\n\n", "c</s>"]
+    assert [tok.decode(s) for s in split_steps(ids, is_delim, {tok.eos_token_id})] == ["a.\nb\n\n", "c</s>"]
 
 
 # ============================================================================= a scripted policy
@@ -249,7 +249,7 @@ def test_generate_finish_reasons_and_order():
     model = ScriptedLM(DETERMINISTIC)
     tok = word_tokenizer(PIECES)
     prompts = [[Q], [Q, GOOD], [Q, GOOD, RIGHT], [Q, Q]]
-    kw = dict(eos_id=EOS, pad_id=PAD, temperature=0.0, batch_size=2)  # batches of mixed prompt lengths
+    kw = dict(eos_ids={EOS}, pad_id=PAD, temperature=0.0, batch_size=2)  # batches of mixed prompt lengths
     full = generate(model, prompts, max_new_tokens=10, **kw)
     assert [(r.ids, r.finish) for r in full] == [
         ([GOOD, RIGHT, EOS], "eos"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD, RIGHT, EOS], "eos")]
@@ -340,7 +340,7 @@ def greedy_without_cache(model, prompt, eos, max_new_tokens):
 
 def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     tok, model, prompts = toy_policy
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0)
+    kw = dict(eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0)
     batched = generate(model, prompts, batch_size=len(prompts), **kw)
     single = generate(model, prompts, batch_size=1, **kw)
     reference = [greedy_without_cache(model, p, tok.eos_token_id, 40) for p in prompts]
@@ -354,7 +354,7 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     is_delim = delimiter_token_mask(tok, "\n")
     steps = generate(model, prompts, batch_size=len(prompts), stop_at=is_delim, **kw)
     for r, full, whole in zip(steps, reference, batched):
-        assert r.ids == split_steps(full, is_delim, tok.eos_token_id)[0]
+        assert r.ids == split_steps(full, is_delim, {tok.eos_token_id})[0]
         assert r.finish == ("step" if is_delim[r.ids[-1]] else whole.finish)
     assert any(r.finish == "step" for r in steps)
     cut = generate(model, prompts, batch_size=len(prompts), **{**kw, "max_new_tokens": 3})
@@ -373,7 +373,7 @@ def test_repeated_prompts_prefilled_once_match_each_prompt_alone():
     assert len({tuple(r) for r in alone.values()}) == 3  # the continuations differ, so a mixed-up row shows
     eos = alone[tuple(a)][4]  # a ends with EOS at its 5th token; b and c may run to the limit
     alone = {p: greedy_without_cache(model, list(p), eos=eos, max_new_tokens=10) for p in alone}
-    kw = dict(eos_id=eos, pad_id=0, temperature=0.0, batch_size=len(prompts))
+    kw = dict(eos_ids={eos}, pad_id=0, temperature=0.0, batch_size=len(prompts))
     batched = generate(model, prompts, max_new_tokens=10, **kw)
     assert [r.ids for r in batched] == [alone[tuple(p)] for p in prompts]
     assert [r.finish for r in batched] == [("eos" if alone[tuple(p)][-1] == eos else "length") for p in prompts]
@@ -404,7 +404,7 @@ def test_generate_never_samples_ids_outside_the_tokenizer():
     tok = word_tokenizer(PIECES)
     model = padded_vocabulary_lm(tok)
     prompts = [[Q], [Q, GOOD]]
-    kw = dict(eos_id=EOS, pad_id=PAD, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    kw = dict(eos_ids={EOS}, pad_id=PAD, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
     unbounded = generate(model, prompts, temperature=0.0, **kw)
     assert all(t >= len(tok) for r in unbounded for t in r.ids)  # the model alone would emit only those
     for temperature, top_p in [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)]:
@@ -476,7 +476,7 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
         response = s["state_ids"][s["prompt_len"]:]
         assert (s["state_ids"][: s["prompt_len"]] == prompt
                 and s["state_text"] == tok.decode(response, skip_special_tokens=True))
-        assert len(split_steps(response, is_delim, eos)) == s["t"] and (not response or is_delim[response[-1]])
+        assert len(split_steps(response, is_delim, {eos})) == s["t"] and (not response or is_delim[response[-1]])
         assert s["mc_value"] == s["num_correct"] / M and len(s["actions"]) == M
         for a in s["actions"]:
             assert set(a) == {"ids", "text", "terminal", "reward", "completion_reward"}
@@ -500,7 +500,7 @@ def test_rollout_output_format_and_invariants(toy_dir, toy_rollout):
     for sol in solutions:
         assert set(sol) == {"qid", "prompt_len", "ids", "text", "correct", "step_ends", "mc_values"}
         response = sol["ids"][sol["prompt_len"]:]
-        steps = split_steps(response, is_delim, eos)
+        steps = split_steps(response, is_delim, {eos})
         assert sol["text"] == tok.decode(response, skip_special_tokens=True)
         assert sol["correct"] == (response[-1] == eos
                                   and grading.is_correct(sol["text"], questions[sol["qid"]]["answer"]))

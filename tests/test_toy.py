@@ -48,5 +48,6 @@ def test_tokenizer_round_trips_and_steps_split_in_token_space():
         ids = tok("".join(steps)).input_ids + [tok.eos_token_id]
         assert tok.unk_token_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == "".join(steps)
-        assert [tok.decode(s, skip_special_tokens=True) for s in split_steps(ids, is_delim, tok.eos_token_id)] == steps
+        cut = split_steps(ids, is_delim, {tok.eos_token_id})
+        assert [tok.decode(s, skip_special_tokens=True) for s in cut] == steps
         assert tok.convert_ids_to_tokens(ids[0]) in prepare.NAMES.values()  # the name is one token
