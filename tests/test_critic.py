@@ -322,3 +322,43 @@ def test_bad_input_from_the_command_line(toy_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["rollout"]  # nothing written
     with pytest.raises(InputError, match="not a critic directory"):
         C.load_critic(str(toy_dir / "sft"), "cpu")  # a policy directory has no value head
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_training_forward_is_the_queried_critic_with_dropout_in_the_config(tmp_path, monkeypatch, checkpointing):
+    """A GPT-2 backbone with dropout 0.1 (attention, residual, embedding): the loss of critic.py's training
+    forward (train mode) is the loss of the values it gives when queried (values_at: eval mode)."""
+    import sys
+
+    from transformers import AutoModel
+
+    from test_models import tiny_model
+    from test_rollout import word_tokenizer
+
+    tok = word_tokenizer(list("abcdefghij"))
+    warm = C.Critic(tiny_model("gpt2", rate=0.1, auto_class=AutoModel))
+    torch.nn.init.normal_(warm.value_head.weight, generator=torch.Generator().manual_seed(0))  # V varies
+    C.save_critic(warm, tok, str(tmp_path / "warm"))
+    g = torch.Generator().manual_seed(0)
+    rows = [{"qid": str(i // 2), "ids": torch.randint(3, len(tok), (12,), generator=g).tolist(),
+             "step_ends": [4, 8, 12], "mc_values": [0.25, 0.5, 1.0]} for i in range(6)]
+    (tmp_path / "rollout").mkdir()
+    (tmp_path / "rollout" / "solutions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    solutions = C.load_solutions(str(tmp_path / "rollout" / "solutions.jsonl"))
+    values = C.values_at(warm, [s["ids"] for s in solutions], [s["value_positions"] for s in solutions])
+    terms = [(w, (v - label) ** 2) for s, vs in zip(solutions, values)
+             for w, v, label in zip(s["weights"], vs, s["mc_values"])]
+    queried = sum(w * t for w, t in terms) / sum(w for w, _ in terms)
+    # One step over all solutions with lr 0: the logged loss is that of the training forward before any update.
+    argv = ["--rollout_dir", str(tmp_path / "rollout"), "--init_critic", str(tmp_path / "warm"),
+            "--out_dir", str(tmp_path / "critic"), "--batch_size", "6", "--micro_batch_size", "3", "--lr", "0",
+            "--heldout_fraction", "0", "--gradient_checkpointing", checkpointing]
+    monkeypatch.setattr(sys, "argv", ["critic.py"] + argv)
+    C.main()
+    trained = json.load(open(tmp_path / "critic" / "metrics.json"))["final_train_loss"]
+    assert trained == pytest.approx(queried, rel=1e-5, abs=1e-7)
+    # Premise: with its dropout on, the training forward gives other values.
+    ids, mask = C.pad_right([s["ids"] for s in solutions], "cpu")  # [6, 12]
+    with torch.no_grad():
+        noisy = warm.train()(ids, mask)[:, [3, 7, 11]]  # [6, 3]
+    assert (noisy - torch.tensor(values)).abs().max() > 1e-3

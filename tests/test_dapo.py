@@ -426,3 +426,38 @@ def test_bad_paths_and_settings_raise_input_error(toy_dir, toy_rollout, toy_crit
     with pytest.raises(InputError, match="beta" if what == "beta" else "missing"):
         dapo.main()
     assert not (tmp_path / "actor").exists() and not (tmp_path / "actor.work").exists()
+
+
+# ============================================================================= dropout is off in training
+@pytest.mark.parametrize("family, checkpointing", [("gpt2", "false"), ("opt", "true")])
+def test_first_step_starts_at_pi_ref_with_dropout_in_the_config(family, checkpointing, tmp_path, monkeypatch):
+    """A model whose config has dropout 0.1 (GPT-2: attention, residual and embedding; OPT: attention, hidden
+    states, layer drop): log pi_ref comes from eval mode, the actor trains in train mode, and at theta = theta_ref
+    eq. 12's log(pi / pi_ref) is still 0, with and without gradient checkpointing."""
+    from test_models import tiny_model
+    from test_rollout import word_tokenizer
+
+    tok = word_tokenizer(list("abcdefghij"))
+    policy = tiny_model(family, rate=0.1)
+    policy.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    g = torch.Generator().manual_seed(0)
+    states = [{"qid": str(i), "state_ids": torch.randint(3, len(tok), (6,), generator=g).tolist(),
+               "actions": [{"ids": torch.randint(3, len(tok), (3,), generator=g).tolist(), "terminal": False,
+                            "completion_reward": float(j % 2)} for j in range(4)]} for i in range(4)]
+    (tmp_path / "rollout").mkdir()
+    (tmp_path / "rollout" / "states.jsonl").write_text("".join(json.dumps(s) + "\n" for s in states))
+    # Premise: the model's training forward, dropout on, is far from log pi_ref.
+    batch = ([s["state_ids"] for s in states], [[a["ids"] for a in s["actions"]] for s in states])
+    with torch.no_grad():
+        ref = dapo.action_logps(policy.eval(), *batch)  # [16]
+        noisy = dapo.action_logps(policy.train(), *batch)  # [16]
+    assert (noisy - ref).abs().mean() > 1e-2
+    argv = ["--policy", str(tmp_path / "policy"), "--rollout_dir", str(tmp_path / "rollout"), "--q_source", "rollout",
+            "--out_dir", str(tmp_path / "actor"), "--beta", "0.1", "--lr", "1e-3", "--global_batch_actions", "8",
+            "--micro_batch_actions", "4", "--gradient_checkpointing", checkpointing]
+    monkeypatch.setattr(sys, "argv", ["dapo.py"] + argv)
+    dapo.main()
+    first, second = read_log(tmp_path / "actor")
+    assert first["abs_log_ratio"] < 1e-5  # measured before the first update: pi = pi_ref
+    assert second["abs_log_ratio"] > 1e-3  # the update moved it

@@ -226,3 +226,25 @@ def test_majority_vote_counts_equal_answers_together():
     assert majority_answer(["\\boxed{4}", "\\boxed{5}"]) == "4"  # a tie goes to the answer seen first
     assert majority_answer(["no answer here", "nothing"]) is None
     assert majority_answer(["The answer is $12$."]) == "12"  # normalised: $ and the period stripped
+
+
+def test_a_second_eos_id_ends_the_response_and_it_is_graded(tmp_path, monkeypatch):
+    """A model whose generation config lists a second EOS and that ends with it (test_rollout.second_eos_model:
+    run on, it would be cut by the limit): greedy and sampled responses end there, uncut, and are graded."""
+    import test_rollout as scripted
+
+    tok = scripted.word_tokenizer(scripted.PIECES + ["<|eot|>"])
+    tok.padding_side = "left"
+    monkeypatch.setattr(eval_script, "load_tokenizer", lambda path: tok)
+    unk = tok.unk_token_id  # the prompt "Q\n" ends with "\n", which the tokenizer does not have
+    monkeypatch.setattr(eval_script, "load_causal_lm", lambda *args: scripted.second_eos_model(prompt_end=unk))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
+    argv = ["--model", "scripted", "--data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path / "eval"),
+            "--instruction", "", "--k", "3", "--max_new_tokens", "6"]
+    monkeypatch.setattr(sys, "argv", ["eval.py"] + argv)
+    eval_script.main()
+    [record], summary = outputs(tmp_path / "eval")
+    assert record["greedy_finish"] == "eos" and record["sampled_finish"] == ["eos"] * 3
+    assert record["greedy_response"] == "good\n\\boxed{1}<|eot|>" and record["greedy_correct"]
+    assert summary["greedy_acc"] == summary["sampled_acc"] == summary["maj@k"] == 1.0
+    assert summary["greedy_cut"] == summary["sampled_cut"] == 0.0

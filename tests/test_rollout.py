@@ -80,6 +80,10 @@ def test_split_steps_toy_tokenizer():
     cut = ids[:-4]
     assert split_steps(cut, is_delim, {eos}) == steps[:2] + [steps[2][:-4]]
 
+    # A model may have several EOS ids (plumbing.models.eos_token_ids): any of them ends the last step.
+    other = next(i for i in range(len(tok)) if i not in ids and not is_delim[i])  # a token the text does not use
+    assert split_steps(ids[:-1] + [other] + ids[:3], is_delim, {eos, other}) == steps[:2] + [steps[2][:-1] + [other]]
+
 
 def test_split_steps_merged_newline_tokens():
     tok = merged_newline_bpe()
@@ -133,9 +137,9 @@ class ScriptedLM(torch.nn.Module):
     causal-LM interface that generation.generate drives. It checks what the engine feeds it: left padding,
     an attention mask as long as prompt + cache, and positions that count real tokens only."""
 
-    def __init__(self, next_token_probs: dict[int, dict[int, float]]):
+    def __init__(self, next_token_probs: dict[int, dict[int, float]], vocab: int = 8):
         super().__init__()
-        table = torch.zeros(8, 8)  # [V, V] row: distribution of the next token after a token
+        table = torch.zeros(vocab, vocab)  # [V, V] row: distribution of the next token after a token
         table[:, EOS] = 1.0  # pad, EOS, ...: anything unscripted ends
         for token, dist in next_token_probs.items():
             table[token] = 0.0
@@ -238,6 +242,41 @@ def test_a_first_step_that_uses_up_the_limit_ends_the_solution_wrong():
             assert all(len(f) == 1 for f in flags.values())  # equal first steps of a state: one flag, one reward
         by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
         assert all(a["terminal"] == (max_new_tokens == 1) for a in by_prefix[()]["actions"])
+
+
+EOT = 8  # a second EOS: the model's generation config lists it beside the tokenizer's "</s>"
+
+
+def second_eos_model(prompt_end: int = Q):
+    """After a prompt ending with prompt_end: a right answer, then EOT (as Llama-3-Instruct ends with <|eot_id|>,
+    Qwen2.5-Instruct with <|im_end|> beside <|endoftext|>) and, were it not stopped there, "bad" steps on to
+    any token limit."""
+    from transformers import GenerationConfig
+
+    script = {prompt_end: {GOOD: 1.0}, GOOD: {RIGHT: 1.0}, RIGHT: {EOT: 1.0}, EOT: {BAD: 1.0}, BAD: {BAD: 1.0}}
+    model = ScriptedLM(script, vocab=9)
+    model.generation_config = GenerationConfig(eos_token_id=[EOS, EOT])
+    return model
+
+
+def test_a_second_eos_id_ends_the_solution_and_it_is_graded():
+    tok = word_tokenizer(PIECES + ["<|eot|>"])
+    assert tok.convert_tokens_to_ids("<|eot|>") == EOT and tok.eos_token_id == EOS
+    model = second_eos_model()
+    assert models.eos_token_ids(tok, model) == {EOS, EOT}
+    # Premise: with the tokenizer's EOS alone the right answer runs on and is cut by the limit (graded wrong).
+    [alone] = generate(model, [[Q]], eos_ids={EOS}, pad_id=PAD, max_new_tokens=6, temperature=0.0)
+    assert alone.finish == "length" and alone.ids[:3] == [GOOD, RIGHT, EOT]
+    cfg = Config(n1=4, n_keep=2, M=4, max_new_tokens=6, batch_size=16)
+    question = {"qid": "q0", "question": "Q", "answer": "1", "prompt_ids": [Q]}
+    [record] = rollout_chunk(model, tok, [question], cfg, delimiter_token_mask(tok, "\n"), torch.Generator())
+    assert record["cut"] == 0 and record["correct_samples"] == 4  # nothing cut: every response graded right
+    assert [s["ids"][1:] for s in record["solutions"]] == [[GOOD, RIGHT, EOT]]  # one distinct solution
+    assert record["solutions"][0]["correct"] and record["solutions"][0]["step_ends"] == [1, 2]
+    by_prefix = {tuple(s["state_ids"][1:]): s for s in record["states"]}
+    assert {p: s["mc_value"] for p, s in by_prefix.items()} == {(): 1.0, (GOOD,): 1.0}
+    # The action that ends with EOT ends the solution: terminal, with its graded reward (dapo.py's Q = r).
+    assert all(a["ids"] == [RIGHT, EOT] and a["terminal"] and a["reward"] == 1.0 for a in by_prefix[(GOOD,)]["actions"])
 
 
 def test_mc_value():
