@@ -1,4 +1,5 @@
-"""Model loading: tokenizers and causal LMs from a directory, a hub name or a GGUF file; chat prompts; autocast."""
+"""Model loading: tokenizers and causal LMs from a directory, a hub name or a GGUF file; their EOS ids; chat
+prompts; dropout off and checkpointing for training; autocast."""
 from __future__ import annotations
 
 
@@ -100,8 +101,8 @@ def eos_token_ids(tok, model=None) -> set[int]:
     config, one id or a list (instruct models list several: Llama-3.1-Instruct three, Qwen2.5-Instruct two).
     A response that ends with one the sampler does not know runs on to the token limit and is graded wrong.
     from_pretrained reads generation_config.json, or builds the generation config from config.json when
-    there is none (a directory without the file, a GGUF file: GGUF stores one EOS id); a model without any
-    (not a transformers model) leaves the tokenizer's."""
+    there is none (a directory without the file; a GGUF file, of which transformers reads one EOS id); a
+    model without one (not a transformers model) leaves the tokenizer's."""
     listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     listed = listed if isinstance(listed, (list, tuple)) else [listed]
     return {int(i) for i in [tok.eos_token_id, *listed] if i is not None}
@@ -136,7 +137,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
     seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
             module.p = 0.0
         zero_rates(module, seen)
 
