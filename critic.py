@@ -369,8 +369,8 @@ def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
 def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
     """The forward and backward passes of one optimizer step: this rank's share of the global batch in
     micro-batches, one forward pass per solution (V at every step boundary), the loss against the MC labels.
-    The gradient is the weighted mean over the global batch's states (state_weights: every distinct state of the
-    batch counts once); returns this rank's weighted sum of the loss."""
+    The gradient is the weighted mean over the global batch's states (state_weights; divided by this batch's
+    total weight); returns this rank's weighted sum of the loss."""
     total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
     mine = batch[ddp.rank:: ddp.world_size]
     accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
