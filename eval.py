@@ -34,16 +34,17 @@ from transformers import set_seed
 
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import barrier, cleanup_distributed, setup_distributed
-from plumbing.models import eos_token_ids, load_causal_lm, load_tokenizer
+from plumbing.models import eos_token_ids, load_tokenizer
 from plumbing.runfiles import (append_jsonl, check_rerun, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import QuestionConfig, load_questions
-from plumbing.generation import generate, Generation
+from plumbing.generation import Generation
+from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy
 
 
 @dataclasses.dataclass
-class Config(QuestionConfig):
+class Config(QuestionConfig, EngineConfig):
     model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
     out_dir: str = arg("runs/toy/base/eval", "where responses.jsonl and summary.json go")
@@ -131,6 +132,7 @@ def main() -> None:
     cfg = parse_config(Config)
     if cfg.k < 0 or (cfg.k > 0 and cfg.temperature <= 0):
         raise InputError(f"--k must be >= 0 and --temperature > 0 when sampling (got k={cfg.k}, T={cfg.temperature})")
+    check_engine(cfg, cfg.model)
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
@@ -141,7 +143,7 @@ def main() -> None:
         cleanup_distributed()
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
+    model = load_policy(cfg, cfg.model, ddp, seed=cfg.seed)  # --engine: HF model or vLLM
     set_seed(cfg.seed)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 

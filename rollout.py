@@ -29,11 +29,11 @@ import time
 import torch
 
 from plumbing.cli import arg, InputError, parse_config, progress, run
-from plumbing.generation import generate
 from plumbing.distributed import all_ranks_sum, barrier, cleanup_distributed, setup_distributed
-from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, eos_token_ids, load_causal_lm, load_tokenizer
+from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, eos_token_ids, load_tokenizer
 from plumbing.runfiles import (append_jsonl, check_rerun, read_jsonl, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
+from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
 
 
@@ -52,7 +52,7 @@ class QuestionConfig:
 
 
 @dataclasses.dataclass
-class Config(QuestionConfig):
+class Config(QuestionConfig, EngineConfig):
     model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
     out_dir: str = arg("runs/toy/iter1/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
@@ -74,7 +74,8 @@ class Config(QuestionConfig):
 # question exactly once, not the samples of an uninterrupted run (its generator is reseeded from the number
 # of questions done), so draw-changing speed settings may change too; eval.py, which promises the numbers of
 # an uninterrupted run, allows only --out_dir.
-RESUME_IGNORES = ("out_dir", "overwrite", "max_questions", "batch_size", "questions_per_chunk")
+RESUME_IGNORES = ("out_dir", "overwrite", "max_questions", "batch_size", "questions_per_chunk",
+                  "gpu_memory_utilization", "tensor_parallel_size")
 
 
 # ============================================================================= steps in token space
@@ -242,6 +243,7 @@ def main() -> None:
     cfg = parse_config(Config)
     if not 1 <= cfg.n_keep <= cfg.n1:
         raise InputError(f"--n_keep {cfg.n_keep} must be between 1 and --n1 {cfg.n1} (it keeps n of the n1 samples)")
+    check_engine(cfg, cfg.model)
     ddp = setup_distributed()
     tok = load_tokenizer(cfg.model)
     questions = load_questions(cfg, tok)  # validated in full before anything is written
@@ -252,7 +254,7 @@ def main() -> None:
         cleanup_distributed()
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
-    model = load_causal_lm(cfg.model, ddp.device, torch.bfloat16 if ddp.device.type == "cuda" else torch.float32).eval()
+    model = load_policy(cfg, cfg.model, ddp, seed=cfg.seed + 1000 * ddp.rank)  # --engine: HF model or vLLM
     is_delim = delimiter_token_mask(tok, cfg.delimiter)
 
     # Resume: skip every question already in some shard (a rerun may even use another number of ranks).

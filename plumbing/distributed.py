@@ -67,7 +67,7 @@ def setup_distributed() -> Dist:
 
 
 def cleanup_distributed() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and int(os.environ.get("RANK", -1)) != -1:  # the ranks' group, not one vLLM made here
         dist.barrier()
         dist.destroy_process_group()
 
