@@ -10,9 +10,11 @@ grading.py read as the algorithm; what they need to run at scale lives here, one
     shared_prefix  one row per state and all its candidate actions (stage B reads each state once), and the
                    check that a model gives in them what each (state, action) alone gives
     generation     the batched KV-cache sampling engine of rollout.py and eval.py
+    vllm_engine    --engine hf|vllm: vLLM's offline engine behind generation's contract (optional install)
     harness        what runs inside a code check: the program's process and the verifier's (stdlib only)
     sandbox        starts untrusted programs and their verifiers for grading.py's code rewards
 
 Imports form a ladder (each module imports only modules above it in this list): cli, distributed, runfiles,
-models, checkpoints, trainer, shared_prefix, generation, harness, sandbox. Nothing here imports a stage script.
+models, checkpoints, trainer, shared_prefix, generation, vllm_engine, harness,
+sandbox. Nothing here imports a stage script.
 """

@@ -1,7 +1,9 @@
 """The CUDA paths on one GPU, skipped without one: the generation engine on the GPU (fp32 and the bf16 that
 rollout.py and eval.py load models in), the shared-prefix log-probs under bf16 autocast, every script end to end
-on the GPU, and FSDP2's bf16 mixed precision with one rank. NCCL between two ranks and FSDP over two GPUs are in
-tests/test_fsdp.py (they need two GPUs). Run them all with `python -m pytest -q tests` on a GPU machine."""
+on the GPU, FSDP2's bf16 mixed precision with one rank, and --engine vllm (when vllm is installed). NCCL between
+two ranks and FSDP over two GPUs are in tests/test_fsdp.py (they need two GPUs). Run them all with
+`python -m pytest -q tests` on a GPU machine."""
+import importlib.util
 import json
 import random
 
@@ -88,3 +90,35 @@ def test_fsdp_mixed_precision_with_one_rank(toy_dir, toy_rollout, tmp_path):
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in actor.parameters())
     log = [json.loads(line) for line in open(tmp_path / "actor" / "train_log.jsonl")]
     assert len(log) >= 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in log)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (pip install vllm)")
+def test_vllm_engine_on_the_gpu(toy_dir, tmp_path):
+    # --engine vllm on the GPU (bf16, CUDA graphs, vLLM's own process): greedy tokens against the HF engine's in bf16
+    # (bf16 rounding makes near-ties flip more often than fp32's: most, not all, prompts agree), then rollout.py
+    # and eval.py end to end.
+    from plumbing.distributed import Dist
+    from plumbing.models import build_prompt_ids, load_tokenizer
+    from plumbing.runfiles import read_jsonl
+    from plumbing.vllm_engine import EngineConfig, load_policy, vllm_generate
+
+    model_dir = str(toy_dir / "sft")
+    tok = load_tokenizer(model_dir)
+    prompts = [build_prompt_ids(tok, r["question"]) for r in read_jsonl(str(toy_dir / "test.jsonl"))]
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0,
+              vocab_size=len(tok))
+    hf = generate(load_causal_lm(model_dir, torch.device("cuda"), torch.bfloat16).eval(), prompts, **kw)
+    engine = load_policy(EngineConfig(engine="vllm", gpu_memory_utilization=0.3), model_dir,
+                         Dist(0, 1, 0, torch.device("cuda")), seed=0)
+    vllm = vllm_generate(engine, prompts, **kw)
+    assert sum(h.ids == v.ids for h, v in zip(hf, vllm)) >= 0.8 * len(prompts)
+    engine.llm.llm_engine.engine_core.shutdown()
+    run_script("rollout.py", "--engine", "vllm", "--gpu_memory_utilization", "0.3", "--model", model_dir, "--data",
+               str(toy_dir / "train.jsonl"), "--out_dir", str(tmp_path / "rollout"), "--max_questions", "8", "--n1",
+               "4", "--n_keep", "2", "--M", "4", "--max_new_tokens", "40")
+    states = [json.loads(line) for line in open(tmp_path / "rollout" / "states.jsonl")]
+    assert states and all(0 <= t < len(tok) for s in states for a in s["actions"] for t in a["ids"])
+    run_script("eval.py", "--engine", "vllm", "--gpu_memory_utilization", "0.3", "--model", model_dir, "--data",
+               str(toy_dir / "test.jsonl"), "--out_dir", str(tmp_path / "eval"), "--max_questions", "8", "--k", "2",
+               "--max_new_tokens", "40")
+    assert json.load(open(tmp_path / "eval" / "summary.json"))["config"]["engine"] == "vllm"
