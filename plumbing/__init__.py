@@ -15,6 +15,6 @@ grading.py read as the algorithm; what they need to run at scale lives here, one
     sandbox        starts untrusted programs and their verifiers for grading.py's code rewards
 
 Imports form a ladder (each module imports only modules above it in this list): cli, distributed, runfiles,
-models, checkpoints, trainer, shared_prefix, generation, vllm_engine, harness,
-sandbox. Nothing here imports a stage script.
+models, checkpoints, trainer, shared_prefix, generation, vllm_engine, harness, sandbox. Nothing here imports a
+stage script.
 """
