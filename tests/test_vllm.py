@@ -312,6 +312,21 @@ def test_pipeline_with_vllm_for_rollout_and_eval_killed_and_resumed(toy_dir, tmp
     assert drop(json.load(open(killed / "summary.json"))) == drop(json.load(open(tmp_path / "whole" / "summary.json")))
 
 
+@needs_vllm
+def test_torchrun_two_ranks_each_with_its_own_engine(toy_dir, tmp_path):
+    # Data parallel is torchrun's: each rank starts an engine (in processes of its own: torch.distributed is the
+    # ranks') and takes the questions it takes with --engine hf.
+    out = tmp_path / "ddp"
+    run_script("torchrun", "--standalone", "--nproc_per_node=2", "rollout.py", "--engine", "vllm", "--model",
+               str(toy_dir / "sft"), "--data", str(toy_dir / "train.jsonl"), "--out_dir", str(out), "--max_questions",
+               "6", "--n1", "2", "--n_keep", "2", "--M", "2", "--max_new_tokens", "30", "--questions_per_chunk", "2",
+               env=ENV)
+    ids = [r["id"] for r in read_lines(toy_dir / "train.jsonl")[:6]]
+    assert [r["qid"] for r in read_lines(out / "shard-0.jsonl")] == ids[0::2]
+    assert [r["qid"] for r in read_lines(out / "shard-1.jsonl")] == ids[1::2]
+    assert [s["qid"] for s in read_lines(out / "states.jsonl") if s["t"] == 0] == ids
+
+
 # Runs the script's main in a fresh interpreter in which vllm cannot be imported.
 WITHOUT_VLLM = """
 import sys
