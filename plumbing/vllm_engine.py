@@ -35,6 +35,7 @@ class VllmEngine:
     llm: object  # a vllm.LLM
     logits_width: int  # the model's vocabulary (embedding rows): may exceed the tokenizer's
     max_model_len: int  # prompt plus generated tokens: vLLM ends a sequence there ("length")
+    generation_config: object  # the model's, as from_pretrained reads it: models.eos_token_ids takes its EOS ids
 
 
 def check_engine(cfg: EngineConfig, model: str) -> None:
@@ -97,7 +98,18 @@ def start_vllm(path: str, cfg: EngineConfig, ddp: Dist, seed: int) -> VllmEngine
               generation_config="vllm",  # no sampling defaults from the model's generation_config.json: ours alone
               **memory)
     model_config = llm.llm_engine.model_config
-    return VllmEngine(llm, model_config.get_vocab_size(), model_config.max_model_len)
+    return VllmEngine(llm, model_config.get_vocab_size(), model_config.max_model_len, generation_config_of(path))
+
+
+def generation_config_of(path: str):
+    """The generation config a Hugging Face model loaded from `path` would have: generation_config.json, or,
+    without one, the one built from config.json (the EOS ids of an instruct model are listed there)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path))
 
 
 def generate(model, prompts: list[list[int]], **kwargs) -> list[Generation]:
@@ -108,7 +120,7 @@ def generate(model, prompts: list[list[int]], **kwargs) -> list[Generation]:
     return generation.generate(model, prompts, **kwargs)
 
 
-def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_id: int | list[int], pad_id: int,
+def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
                   max_new_tokens: int | list[int], temperature: float = 1.0, top_p: float = 1.0,
                   stop_at: torch.Tensor | None = None, batch_size: int = 64, generator: torch.Generator | None = None,
                   desc: str | None = None, vocab_size: int | None = None) -> list[Generation]:
@@ -122,7 +134,7 @@ def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_id: int |
     from vllm.inputs import TokensPrompt
 
     budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    eos = {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    eos = set(eos_ids)
     stops = sorted(eos | set(stop_at.nonzero().squeeze(1).tolist() if stop_at is not None else ()))
     vocab = vocab_size or engine.logits_width
     # Rows of the embedding matrix without a token (Qwen2.5: 151,936 rows, 151,665 tokens) get -inf logits.

