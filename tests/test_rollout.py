@@ -337,24 +337,51 @@ def test_sample_next_draws_from_the_tempered_nucleus(monkeypatch):
     expected = torch.tensor([tempered_nucleus([math.log(x) for x in r], temperature, top_p) for r in rows],
                             dtype=torch.float64)  # [2, V]
     assert expected[0].nonzero().flatten().tolist() == [0, 1] and expected[1].nonzero().flatten().tolist() == [1, 2, 3]
-    # Exact: the distribution sample_next hands to torch.multinomial (which normalises it) is the formula.
-    handed, multinomial = [], torch.multinomial
+    # Exact: the weights sample_next draws from, normalised, are the formula.
+    probs, ids = generation.tempered_nucleus(logits, temperature, top_p)  # [2n, K] each
+    full = torch.zeros(logits.shape, dtype=torch.float64).scatter(-1, ids, probs.double())  # [2n, V]
+    torch.testing.assert_close(full / full.sum(-1, keepdim=True), expected.repeat_interleave(n, 0), atol=1e-6, rtol=0)
+    handed, draw = [], generation.draw
 
-    def recording_multinomial(probs, *args, **kwargs):
-        handed.append(probs)
-        return multinomial(probs, *args, **kwargs)
+    def recording_draw(weights, generator):
+        handed.append(weights)
+        return draw(weights, generator)
 
-    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    monkeypatch.setattr(generation, "draw", recording_draw)
     tokens = generation.sample_next(logits, temperature, top_p, torch.Generator().manual_seed(0))  # [2n]
-    assert len(handed) == 1, "sample_next no longer calls torch.multinomial: update this exact check"
-    probs = handed[0].double()
-    torch.testing.assert_close(probs / probs.sum(-1, keepdim=True), expected.repeat_interleave(n, 0), atol=1e-6, rtol=0)
+    assert len(handed) == 1 and torch.equal(handed[0], probs), "sample_next draws from something else: update this"
     # Whatever draws the tokens: their frequencies are those of the formula, within 5 standard errors.
     for row in range(2):
         drawn = tokens[row * n: (row + 1) * n]
         for token, p in enumerate(expected[row].tolist()):
             frequency = (drawn == token).double().mean().item()
             assert abs(frequency - p) <= 5 * math.sqrt(p * (1 - p) / n), (row, token, frequency, p)
+
+
+def test_a_nucleus_wider_than_the_first_top_k_is_the_formula():
+    # tempered_nucleus looks among the top 64 tokens first and widens (x8) until every row's nucleus fits:
+    # rows of 1,000 tokens whose nuclei hold 1, 8, 128, 279 tokens (top_p 0.3: the top 512 are needed) and
+    # 1, 413, 846, 944 (top_p 0.95: the whole vocabulary); a top_p of 1 keeps the whole vocabulary.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1000, generator=g, dtype=torch.float64) * torch.tensor([[30.0], [1.5], [0.5], [0.05]])
+    for top_p in (0.3, 0.95, 1.0):
+        probs, ids = generation.tempered_nucleus(logits.float(), 0.8, top_p)
+        full = probs.double() if ids is None else torch.zeros(4, 1000, dtype=torch.float64).scatter(
+            -1, ids, probs.double())  # [4, V]
+        expected = torch.tensor([tempered_nucleus(row.tolist(), 0.8, top_p) for row in logits], dtype=torch.float64)
+        if top_p < 1:  # (at 1 the formula's float sum reaches 1 before the last tokens of mass ~1e-30)
+            assert full.count_nonzero(-1).tolist() == expected.count_nonzero(-1).tolist(), top_p
+        torch.testing.assert_close(full / full.sum(-1, keepdim=True), expected, atol=1e-6, rtol=0)
+        if top_p < 1:  # the widening really happened
+            assert min(expected.count_nonzero(-1)) < 64 < max(expected.count_nonzero(-1)), top_p
+
+
+def test_draw_follows_the_weights_and_never_draws_a_zero():
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]]).repeat_interleave(20000, 0)
+    drawn = generation.draw(weights, torch.Generator().manual_seed(0))  # [40000]
+    first, second = drawn[:20000], drawn[20000:]
+    assert set(first.tolist()) == {1, 3} and set(second.tolist()) == {0}
+    assert within_bound((first == 1).double().mean().item(), 0.75, 20000)
 
 
 @pytest.fixture(scope="module")
