@@ -124,7 +124,7 @@ def test_batched_greedy_generation_equals_transformers_generate(smollm2):
                              do_sample=False, max_new_tokens=limit, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id)
         reference.append(out[0, len(prompt):].tolist())
-    batched = generation.generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+    batched = generation.generate(model, prompts, eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
                                   max_new_tokens=limits, temperature=0.0, batch_size=len(prompts),
                                   vocab_size=len(tok))
     assert [r.ids for r in batched] == reference

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import generation  # noqa: E402
 from plumbing.cli import InputError, arg, parse_config, run  # noqa: E402
-from plumbing.models import build_prompt_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from plumbing.models import build_prompt_ids, eos_token_ids, load_causal_lm, load_tokenizer  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def timed_generate(model, prompts, tok, cfg: Config) -> tuple[list, float, float
     generation.lm_forward = counting
     try:
         start, cpu = time.perf_counter(), time.process_time()
-        out = generation.generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        out = generation.generate(model, prompts, eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                   batch_size=cfg.batch_size, generator=g, vocab_size=len(tok))
         if torch.cuda.is_available():
