@@ -7,6 +7,8 @@
 #   bash demo.sh                 # the full demo in runs/toy (6-13 minutes on 2 CPU cores)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a 1-2 minute check that it runs
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
+#   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
+#   DEMO_M=4 bash demo.sh        # M = 4 completions per state instead of 16, in runs/toy-M4
 #   OUT=runs/other bash demo.sh  # another output folder
 #
 # Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
@@ -16,31 +18,41 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SEED=${DEMO_SEED:-0}
-SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")  # runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, ...
+TOY=${DEMO_TOY:-toy}
+case "$TOY" in toy|varied) ;; *) echo "error: DEMO_TOY must be toy or varied, got '$TOY'" >&2; exit 2 ;; esac
+# runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, runs/varied-seed2-M4, ...
+SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")$([ -z "${DEMO_M:-}" ] && echo "" || echo "-M$DEMO_M")
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
 
 if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   KIND=smoke
-  OUT=${OUT:-runs/toy-smoke$SUFFIX}
+  OUT=${OUT:-runs/$TOY-smoke$SUFFIX}
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
-  ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M 4"
+  M=${DEMO_M:-4}
+  ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M $M"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
   DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4 --min_gap 0.05"
   EVAL="--k 2"
 else
   KIND=full
-  OUT=${OUT:-runs/toy$SUFFIX}
+  OUT=${OUT:-runs/$TOY$SUFFIX}
   PREPARE=""
-  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 16 --batch_size 256"
+  M=${DEMO_M:-16}
+  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M $M --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
   DAPO="--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4"
   EVAL="--k 4"
 fi
 TOKENS="--max_new_tokens 40"  # toy solutions are at most 4 steps of about 7 tokens
+if [ "$TOY" = varied ]; then
+  PREPARE="$PREPARE --varied true"
+  TOKENS="--max_new_tokens 48"  # each step is 2 tokens longer (its remark)
+fi
+KIND_LINE="$KIND$([ "$TOY" = toy ] || echo " $TOY")$([ -z "${DEMO_M:-}" ] || echo " M=$DEMO_M")"  # OUT/demo_kind
 
-if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND" ]; then
-  echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND one: set OUT to another folder or remove it" >&2
+if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND_LINE" ]; then
+  echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND_LINE one: set OUT to another folder or remove it" >&2
   exit 2
 elif [ ! -e "$OUT/demo_kind" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   echo "error: $OUT is not empty but has no demo_kind file (an older demo.sh, perhaps a smoke run, or other work):" \
@@ -48,7 +60,7 @@ elif [ ! -e "$OUT/demo_kind" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   exit 2
 fi
 mkdir -p "$OUT"
-echo "$KIND" > "$OUT/demo_kind"
+echo "$KIND_LINE" > "$OUT/demo_kind"
 TIMES="$OUT/stage_ms.tsv"
 stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER exists; record its wall time
   local name=$1 marker=$2; shift 2
@@ -87,15 +99,15 @@ for IT in 1 2; do
   PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one
 done
 
-$PY - "$OUT" "$KIND" <<'EOF'
+$PY - "$OUT" "$KIND" "$TOY" "$M" <<'EOF'
 import json, os, platform, sys
-out, kind = sys.argv[1], sys.argv[2]
+out, kind, toy, m = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 load = lambda *p: json.load(open(os.path.join(out, *p)))
 seconds = {}
 for line in open(os.path.join(out, "stage_ms.tsv")):
     name, ms = line.split("\t")
     seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
-summary = {"kind": kind, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+summary = {"kind": kind, "toy": toy, "M": m, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 rows = []
 policies = {"base": ("warm start (SFT)", "base"), "iter1": ("DAPO iteration 1", "iter1"),
             "iter1_no_critic": ("DAPO iteration 1, Q from one rollout (no critic)", "iter1/no-critic"),
@@ -122,7 +134,7 @@ summary["stage_seconds"] = seconds
 summary["wall_seconds"] = sum(seconds.values())
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print("\nSMOKE RUN (DEMO_SMOKE=1): every stage shrunk to check that the pipeline runs; these numbers are not the demo's"
-      if kind == "smoke" else "\nThe full demo (bash demo.sh):")
+      if kind == "smoke" else f"\nThe full demo (bash demo.sh), the {'varied ' if toy == 'varied' else ''}toy, M = {m}:")
 print(f"| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
 print("|---|---|---|---|---|---|")
 for r in rows:
