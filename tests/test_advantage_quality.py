@@ -35,9 +35,10 @@ def test_agreement_figures():
     m = aq.agreement(truth, se, [0.4, 0.3, -0.3, -0.1])
     assert m["mse"] == pytest.approx((0.01 + 0.64 + 0.0961 + 0.01) / 4)
     assert m["clear"] == 3  # 0.01 is within 2 SE of zero
-    assert m["sign_agreement"] == pytest.approx(2 / 3)  # -0.5 estimated +0.3: wrong sign
+    assert m["sign_agreement"] == pytest.approx(2 / 3) and m["opposite_sign"] == pytest.approx(1 / 3)  # -0.5 as +0.3
     assert aq.agreement(truth, se, truth)["pearson_r"] == pytest.approx(1.0)
-    assert aq.agreement(truth, se, [0.0] * 4)["sign_agreement"] == 0  # a zero estimate has no sign
+    zero = aq.agreement(truth, se, [0.0] * 4)
+    assert zero["sign_agreement"] == zero["opposite_sign"] == 0  # a zero estimate has no sign
 
 
 def test_per_candidate_keeps_one_value_per_unique_nonempty_candidate():

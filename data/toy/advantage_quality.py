@@ -142,18 +142,20 @@ def per_candidate(states: list[dict], values: list[list[float]]) -> list[float]:
 
 
 def agreement(truth: list[float], se: list[float], estimate: list[float]) -> dict:
-    """Pearson r, MSE and sign agreement where the truth is clearly not zero (|A| > 2 SE)."""
+    """Pearson r, MSE, and where the truth is clearly not zero (|A| > 2 SE) the share of estimates of its sign
+    (an estimate of 0 has none: it does not move the actor) and of the opposite sign (it moves the actor wrong)."""
     n = len(truth)
     if n == 0:
-        return {"candidates": 0, "pearson_r": None, "mse": None, "sign_agreement": None, "clear": 0}
+        return {"candidates": 0, "pearson_r": None, "mse": None, "sign_agreement": None, "opposite_sign": None,
+                "clear": 0}
     mt, me = sum(truth) / n, sum(estimate) / n
     cov = sum((t - mt) * (e - me) for t, e in zip(truth, estimate))
     vt, ve = sum((t - mt) ** 2 for t in truth), sum((e - me) ** 2 for e in estimate)
     clear = [(t, e) for t, s, e in zip(truth, se, estimate) if abs(t) > 2 * s and abs(t) > 1e-9]
     return {"candidates": n, "pearson_r": cov / math.sqrt(vt * ve) if vt > 1e-12 and ve > 1e-12 else None,
             "mse": sum((t - e) ** 2 for t, e in zip(truth, estimate)) / n,
-            "sign_agreement": sum((t > 0) == (e > 0) and e != 0 for t, e in clear) / len(clear) if clear else None,
-            "clear": len(clear)}
+            "sign_agreement": sum(t * e > 0 for t, e in clear) / len(clear) if clear else None,
+            "opposite_sign": sum(t * e < 0 for t, e in clear) / len(clear) if clear else None, "clear": len(clear)}
 
 
 def uniqueness(states: list[dict]) -> dict:
@@ -273,11 +275,13 @@ def main() -> None:
           f"{summary['max_se_true_q']:.3f}); true A: SE mean {summary['mean_se_true_advantage']:.3f}, mean SE^2 "
           f"{summary['mean_se2_true_advantage']:.4f}, MSE of A = 0: {summary['mse_of_zero']:.4f}")
     print(f"{len(sample)} states, {len(truth)} unique candidates ({sum(c == 1 for c in counts)} drawn once)\n")
-    print("| estimator | r | MSE | sign agreement (|A| > 2 SE) | MSE, drawn once | MSE, drawn more |")
+    print("| estimator | r | MSE | right sign / opposite sign (of n with |A| > 2 SE) | MSE, drawn once | "
+          "MSE, drawn more |")
     print("|---|---|---|---|---|---|")
     for name, f in figures.items():
         a = f["all"]
-        print(f"| {name} | {fmt(a['pearson_r'])} | {fmt(a['mse'], 4)} | {fmt(a['sign_agreement'])} ({a['clear']}) | "
+        print(f"| {name} | {fmt(a['pearson_r'])} | {fmt(a['mse'], 4)} | {fmt(a['sign_agreement'])} / "
+              f"{fmt(a['opposite_sign'])} (n {a['clear']}) | "
               f"{fmt(f['drawn_once']['mse'], 4)} ({f['drawn_once']['candidates']}) | "
               f"{fmt(f['drawn_more']['mse'], 4)} ({f['drawn_more']['candidates']}) |")
     plot(os.path.join(cfg.out_dir, "advantage_quality.png"), truth, se, estimates,

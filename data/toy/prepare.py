@@ -1,6 +1,6 @@
 """The embedded toy task: synthetic multi-step arithmetic, a tiny Llama, and an imperfect warm start.
 
-Everything a DAPO run needs, built locally in about two and a half minutes on 2 CPU cores, and saved exactly as a real
+Everything a DAPO run needs, built locally in a few minutes on 2 CPU cores, and saved exactly as a real
 Hugging Face model is (save_pretrained), so every script loads it with AutoTokenizer / AutoModelForCausalLM.
 
   python data/toy/prepare.py --out_dir runs/toy
@@ -19,6 +19,12 @@ as an addition ("Subtract: 5+2=7" where the question says "Subtract 2."). It is 
 `trap_error` > 1/2, so the warm start prefers the wrong step and greedy decoding cannot hide it; later steps
 continue from the wrong value, as a student's would. DAPO has to find, from rewards alone, that the other
 step is better.
+
+The varied toy (--varied true). With a real model two sampled steps are rarely the same text; on this toy they
+often are (a state's 16 candidates hold 1-2 distinct steps on average), so one graded completion per candidate is
+really a mean over many. With --varied true every step of the warm start's data ends with a remark of two free
+words drawn at random ("Add: 3+2=5 calm river"), which does not change its value: sampled steps are then nearly
+all distinct, while the planted mistake stays. The default toy is unchanged by the option (same seed, same files).
 
 Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
 With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
