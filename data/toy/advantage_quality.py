@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from plumbing.cli import arg, InputError, parse_config, progress, run  # noqa: E402
 from plumbing.generation import generate  # noqa: E402
-from plumbing.models import load_causal_lm, load_tokenizer  # noqa: E402
+from plumbing.models import eos_token_ids, load_causal_lm, load_tokenizer  # noqa: E402
 from plumbing.runfiles import append_jsonl, check_rerun, read_shard, write_json_atomic  # noqa: E402
 from critic import action_values, load_critic  # noqa: E402
 from dapo import compute_advantages, q_values, read_states, rollout_q_values  # noqa: E402
@@ -98,7 +98,7 @@ def true_q_chunk(model, tok, states: list[dict], questions: dict, rcfg, cfg: Con
         budgets += [rcfg.max_new_tokens - len(prefix)] * K  # max_new_tokens limits the whole solution, as in rollout
         prefixes += [prefix] * K
         answers += [questions[s["qid"]]["answer"]] * K
-    outs = generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=budgets,
+    outs = generate(model, prompts, eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id, max_new_tokens=budgets,
                     temperature=rcfg.temperature, top_p=rcfg.top_p, batch_size=cfg.batch_size, generator=g,
                     vocab_size=len(tok), desc="true Q")
     rewards = grade_batch([tok.decode(p + o.ids, skip_special_tokens=True) if o.finish == "eos" else None
