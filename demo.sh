@@ -7,6 +7,8 @@
 #   bash demo.sh                 # the full demo in runs/toy (6-13 minutes on 2 CPU cores)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a 1-2 minute check that it runs
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
+#   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
+#   DEMO_M=4 bash demo.sh        # M = 4 completions per state instead of 16, in runs/toy-M4
 #   OUT=runs/other bash demo.sh  # another output folder
 #
 # Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
@@ -16,31 +18,41 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SEED=${DEMO_SEED:-0}
-SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")  # runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, ...
+TOY=${DEMO_TOY:-toy}
+case "$TOY" in toy|varied) ;; *) echo "error: DEMO_TOY must be toy or varied, got '$TOY'" >&2; exit 2 ;; esac
+# runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, runs/varied-seed2-M4, ...
+SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")$([ -z "${DEMO_M:-}" ] && echo "" || echo "-M$DEMO_M")
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
 
 if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   KIND=smoke
-  OUT=${OUT:-runs/toy-smoke$SUFFIX}
+  OUT=${OUT:-runs/$TOY-smoke$SUFFIX}
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
-  ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M 4"
+  M=${DEMO_M:-4}
+  ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M $M"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
   DAPO="--epochs 1 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4 --min_gap 0.05"
   EVAL="--k 2"
 else
   KIND=full
-  OUT=${OUT:-runs/toy$SUFFIX}
+  OUT=${OUT:-runs/$TOY$SUFFIX}
   PREPARE=""
-  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M 16 --batch_size 256"
+  M=${DEMO_M:-16}
+  ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M $M --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
   DAPO="--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4"
   EVAL="--k 4"
 fi
 TOKENS="--max_new_tokens 40"  # toy solutions are at most 4 steps of about 7 tokens
+if [ "$TOY" = varied ]; then
+  PREPARE="$PREPARE --varied true"
+  TOKENS="--max_new_tokens 48"  # each step is 2 tokens longer (its remark)
+fi
+KIND_LINE="$KIND$([ "$TOY" = toy ] || echo " $TOY")$([ -z "${DEMO_M:-}" ] || echo " M=$DEMO_M")"  # OUT/demo_kind
 
-if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND" ]; then
-  echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND one: set OUT to another folder or remove it" >&2
+if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND_LINE" ]; then
+  echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND_LINE one: set OUT to another folder or remove it" >&2
   exit 2
 elif [ ! -e "$OUT/demo_kind" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   echo "error: $OUT is not empty but has no demo_kind file (an older demo.sh, perhaps a smoke run, or other work):" \
@@ -48,7 +60,7 @@ elif [ ! -e "$OUT/demo_kind" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   exit 2
 fi
 mkdir -p "$OUT"
-echo "$KIND" > "$OUT/demo_kind"
+echo "$KIND_LINE" > "$OUT/demo_kind"
 TIMES="$OUT/stage_ms.tsv"
 stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER exists; record its wall time
   local name=$1 marker=$2; shift 2
@@ -58,9 +70,28 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER e
   "$@"
   printf '%s\t%s\n' "$name" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$TIMES"  # milliseconds
 }
+# Every stage runs one thread (OMP_NUM_THREADS=1), so on 2 cores a stage that nothing waits for (an eval, the
+# ablation) runs beside the next ones, on the other core; its output goes to OUT/logs/NAME.log.
+BESIDE=()
+beside() {  # beside NAME DONE_MARKER COMMAND...: stage in the background
+  local name=$1 marker=$2
+  if [ -e "$marker" ]; then echo "== $name: done already ($marker)"; return; fi
+  mkdir -p "$OUT/logs"
+  echo "== $name: beside the next stages (output: $OUT/logs/$name.log)"
+  stage "$@" > "$OUT/logs/$name.log" 2>&1 &
+  BESIDE+=("$!:$name")
+}
+wait_beside() {  # the background stages have finished, or the demo stops with the failed one's log
+  local job
+  for job in "${BESIDE[@]}"; do
+    wait "${job%%:*}" || { echo "error: ${job#*:} failed: $OUT/logs/${job#*:}.log" >&2; tail -20 "$OUT/logs/${job#*:}.log" >&2; exit 1; }
+  done
+  BESIDE=()
+}
+WALL0=$(date +%s%N)
 
 stage prepare "$OUT/sft" $PY data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
-stage eval-base "$OUT/base/eval/summary.json" \
+beside eval-base "$OUT/base/eval/summary.json" \
   $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS
 
 POLICY="$OUT/sft"
@@ -70,32 +101,38 @@ for IT in 1 2; do
   # Stage A: data from the current policy (pi_ref = pi_gen), then the critic on its MC labels.
   stage "iter$IT-rollout" "$D/rollout/summary.json" \
     $PY rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS
+  if [ "$IT" = 1 ]; then  # the ablation: the same rollout and settings, Q from one completion instead of the critic
+    beside iter1-no-critic-dapo "$D/no-critic/actor" \
+      $PY dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
+  fi
   stage "iter$IT-critic" "$D/critic" \
     $PY critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC
   # Stage B: advantages from the critic, the DAPO loss, a new actor that is the next iteration's policy.
   stage "iter$IT-dapo" "$D/actor" \
     $PY dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
-  stage "iter$IT-eval" "$D/eval/summary.json" \
+  wait_beside  # the ablation's actor and the last eval have finished: their evals go beside the next stages
+  beside "iter$IT-eval" "$D/eval/summary.json" \
     $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS
-  if [ "$IT" = 1 ]; then  # the ablation: the same rollout and settings, Q from one completion instead of the critic
-    stage iter1-no-critic-dapo "$D/no-critic/actor" \
-      $PY dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
-    stage iter1-no-critic-eval "$D/no-critic/eval/summary.json" \
+  if [ "$IT" = 1 ]; then
+    beside iter1-no-critic-eval "$D/no-critic/eval/summary.json" \
       $PY eval.py --model "$D/no-critic/actor" --data "$OUT/test.jsonl" --out_dir "$D/no-critic/eval" $EVAL $TOKENS
   fi
   POLICY="$D/actor"
   PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one
 done
+wait_beside
+printf 'wall\t%s\n' "$(( ($(date +%s%N) - WALL0) / 1000000 ))" >> "$OUT/wall_ms.tsv"  # this run, stages side by side
 
-$PY - "$OUT" "$KIND" <<'EOF'
+$PY - "$OUT" "$KIND" "$TOY" "$M" <<'EOF'
 import json, os, platform, sys
-out, kind = sys.argv[1], sys.argv[2]
+out, kind, toy, m = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 load = lambda *p: json.load(open(os.path.join(out, *p)))
 seconds = {}
 for line in open(os.path.join(out, "stage_ms.tsv")):
     name, ms = line.split("\t")
     seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
-summary = {"kind": kind, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+wall = sum(int(line.split("\t")[1]) / 1000 for line in open(os.path.join(out, "wall_ms.tsv")))  # all runs into OUT
+summary = {"kind": kind, "toy": toy, "M": m, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 rows = []
 policies = {"base": ("warm start (SFT)", "base"), "iter1": ("DAPO iteration 1", "iter1"),
             "iter1_no_critic": ("DAPO iteration 1, Q from one rollout (no critic)", "iter1/no-critic"),
@@ -119,10 +156,10 @@ for name, (policy, folder) in policies.items():
     rows.append(row)
 summary["critic_pearson_r"] = summary["iter1"]["critic_pearson_r"]
 summary["stage_seconds"] = seconds
-summary["wall_seconds"] = sum(seconds.values())
+summary["wall_seconds"] = wall  # less than the sum of the stages: some ran side by side
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print("\nSMOKE RUN (DEMO_SMOKE=1): every stage shrunk to check that the pipeline runs; these numbers are not the demo's"
-      if kind == "smoke" else "\nThe full demo (bash demo.sh):")
+      if kind == "smoke" else f"\nThe full demo (bash demo.sh), the {'varied ' if toy == 'varied' else ''}toy, M = {m}:")
 print(f"| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
 print("|---|---|---|---|---|---|")
 for r in rows:

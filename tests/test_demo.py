@@ -49,3 +49,17 @@ def test_a_folder_of_the_other_kind_is_refused(tmp_path):
         proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith(f"error: {out}") and "OUT" in proc.stderr, proc.stderr
         assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_the_toy_kind_and_m_are_part_of_the_folder_kind(tmp_path):
+    # A plain toy's folder must not be resumed as a varied one or with another M (their stages would be skipped).
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "demo_kind").write_text("full\n")
+    for extra in ({"DEMO_TOY": "varied"}, {"DEMO_M": "4"}):
+        env = {**os.environ, "DEMO_SMOKE": "0", "OUT": str(out), "PYTHON": "false", **extra}
+        proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "not a full" in proc.stderr, proc.stderr
+    env = {**os.environ, "DEMO_TOY": "other", "OUT": str(tmp_path / "x"), "PYTHON": "false"}
+    proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "DEMO_TOY must be toy or varied" in proc.stderr and not (tmp_path / "x").exists()

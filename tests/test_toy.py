@@ -51,3 +51,21 @@ def test_tokenizer_round_trips_and_steps_split_in_token_space():
         cut = split_steps(ids, is_delim, {tok.eos_token_id})
         assert [tok.decode(s, skip_special_tokens=True) for s in cut] == steps
         assert tok.convert_ids_to_tokens(ids[0]) in prepare.NAMES.values()  # the name is one token
+
+
+def test_varied_toy_adds_a_free_remark_that_leaves_the_step_and_the_mistake_alone():
+    ops = [("-", 2), ("+", 1), ("-", 3)]
+    words = [set(w) for w in prepare.REMARK_WORDS]
+    for trap_error in (0.0, 1.0):  # no mistake, and the planted mistake in every subtraction
+        plain = prepare.solution_steps(7, ops, random.Random(0), trap_error=trap_error)
+        varied = prepare.solution_steps(7, ops, random.Random(0), trap_error=trap_error, remarks=True)
+        for p, v in zip(plain, varied):
+            body, end = (p[:-1], "\n") if p.endswith("\n") else (p, "")
+            assert v.startswith(body + " ") and v.endswith(end)  # the same step, then the remark before the line end
+            remark = v[len(body):len(v) - len(end)].split()
+            assert len(remark) == 2 and remark[0] in words[0] and remark[1] in words[1]
+        assert is_correct("".join(varied), plain[-1].split("boxed{")[1][0])  # the answer still grades
+    assert varied[0].startswith("Subtract: 7+2=9 ")
+    rng = random.Random(2)
+    drawn = {"".join(prepare.solution_steps(7, [("+", 1)], rng, remarks=True)) for _ in range(200)}
+    assert len(drawn) > 120  # 256 remarks, drawn uniformly: 200 draws give about 139 distinct texts

@@ -1,6 +1,6 @@
 """The embedded toy task: synthetic multi-step arithmetic, a tiny Llama, and an imperfect warm start.
 
-Everything a DAPO run needs, built locally in about two and a half minutes on 2 CPU cores, and saved exactly as a real
+Everything a DAPO run needs, built locally in a few minutes on 2 CPU cores, and saved exactly as a real
 Hugging Face model is (save_pretrained), so every script loads it with AutoTokenizer / AutoModelForCausalLM.
 
   python data/toy/prepare.py --out_dir runs/toy
@@ -19,6 +19,12 @@ as an addition ("Subtract: 5+2=7" where the question says "Subtract 2."). It is 
 `trap_error` > 1/2, so the warm start prefers the wrong step and greedy decoding cannot hide it; later steps
 continue from the wrong value, as a student's would. DAPO has to find, from rewards alone, that the other
 step is better.
+
+The varied toy (--varied true). With a real model two sampled steps are rarely the same text; on this toy they
+often are (a state's 16 candidates hold 1-2 distinct steps on average), so one graded completion per candidate is
+really a mean over many. With --varied true every step of the warm start's data ends with a remark of two free
+words drawn at random ("Add: 3+2=5 calm river"), which does not change its value: sampled steps are then nearly
+all distinct, while the planted mistake stays. The default toy is unchanged by the option (same seed, same files).
 
 Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
 With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
@@ -49,6 +55,12 @@ NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts
 # Words get their own tokens (with a leading space), so do a step's operation name ("Subtract: ") and \boxed{;
 # anything else is one character.
 PRETOKENIZE = r"\\boxed\{|[A-Za-z]+: | ?[A-Za-z]+|[\s\S]"
+# The varied toy (--varied true): every step ends with a remark of two free words, drawn uniformly from 16 x 16 = 256,
+# that says nothing about the step's value. Two sampled steps are then rarely the same text, as with a real model.
+REMARK_WORDS = (("calm", "bold", "quick", "plain", "neat", "brief", "fair", "keen",
+                 "warm", "dry", "soft", "late", "wide", "odd", "lucky", "quiet"),
+                ("river", "stone", "cloud", "lamp", "fox", "tree", "bell", "road",
+                 "coin", "leaf", "moon", "door", "wave", "seed", "hill", "kite"))
 
 
 @dataclasses.dataclass
@@ -59,9 +71,13 @@ class Config:
     min_ops: int = arg(3, "fewest operations in a problem")
     max_ops: int = arg(4, "most operations in a problem")
     trap_error: float = arg(0.75, "probability that the warm-start data adds where it should subtract")
+    varied: bool = arg(False, "end every step of the warm-start data with a random two-word remark that does not "
+                              "change its value, so that sampled steps are nearly all distinct text")
     sft_examples: int = arg(32000, "supervised (warm start) examples, drawn fresh with the mistakes above")
     sft_batch_size: int = arg(64, "warm start batch size")
     sft_lr: float = arg(2e-3, "warm start peak learning rate (2e-3 leaves few random slips at temperature 1)")
+    sft_bf16: bool = arg(True, "warm start in bf16 autocast where the CPU has bf16 instructions (AVX512-BF16, AMX): "
+                               "1.5x faster on 2 cores; the saved model is float32 either way")
     hidden_size: int = arg(128, "tiny Llama width")
     num_layers: int = arg(3, "tiny Llama depth")
     num_heads: int = arg(4, "tiny Llama attention heads")
@@ -97,8 +113,9 @@ def mistake(op: str) -> str:
 
 
 def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | None = None,
-                   trap_error: float = 0.0) -> list[str]:
-    """The worked solution; with rng, each trap step is done wrong with probability trap_error."""
+                   trap_error: float = 0.0, remarks: bool = False) -> list[str]:
+    """The worked solution; with rng, each trap step is done wrong with probability trap_error, and with
+    remarks each step ends with a random remark (REMARK_WORDS) before its line end."""
     steps, value = [], start
     for i, (op, k) in enumerate(ops):
         name = NAMES[op]  # the step names the operation the question asks for, even when it then does another
@@ -106,7 +123,8 @@ def solution_steps(start: int, ops: list[tuple[str, int]], rng: random.Random | 
             op = mistake(op)
         new = apply(op, value, k)
         last = i == len(ops) - 1
-        steps.append(f"{name}{value}{op}{k}=" + (f"\\boxed{{{new}}}" if last else f"{new}\n"))
+        remark = "".join(f" {rng.choice(words)}" for words in REMARK_WORDS) if remarks else ""
+        steps.append(f"{name}{value}{op}{k}=" + (f"\\boxed{{{new}}}{remark}" if last else f"{new}{remark}\n"))
         value = new
     return steps
 
@@ -159,7 +177,8 @@ def sft_batch(tok, rng: random.Random, batch_size: int) -> tuple[torch.Tensor, t
     for _ in range(batch_size):
         start, ops = make_problem(rng)
         prompt = build_prompt_ids(tok, question_text(start, ops), CFG.instruction)
-        response = tok("".join(solution_steps(start, ops, rng, CFG.trap_error))).input_ids + [tok.eos_token_id]
+        steps = solution_steps(start, ops, rng, CFG.trap_error, remarks=CFG.varied)
+        response = tok("".join(steps)).input_ids + [tok.eos_token_id]
         seqs.append(prompt + response)
         masks.append([0] * len(prompt) + [1] * len(response))
     width = max(map(len, seqs))
@@ -173,11 +192,18 @@ def warm_start(model, tok) -> None:
     rng = random.Random(CFG.seed + 100)
     steps = CFG.sft_examples // CFG.sft_batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=CFG.sft_lr, weight_decay=0.0)
+    # Speed: the warm start is most of prepare's time, and its time is matrix products of a 128-wide model. Where
+    # the CPU multiplies bf16 natively they run 3.5x faster under autocast (weights and AdamW stay float32); the
+    # attention is then the eager one, as the CPU's bf16 flash-attention backward is slower than the float32 one.
+    bf16 = CFG.sft_bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if bf16:
+        model.set_attn_implementation("eager")
     model.train()
-    bar = progress(range(steps), desc="warm start (SFT)")
+    bar = progress(range(steps), desc="warm start (SFT)" + (", bf16" if bf16 else ""))
     for step in bar:
         ids, attn, loss_mask = sft_batch(tok, rng, CFG.sft_batch_size)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T-1, V]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [B, T-1, V]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
         mask = loss_mask[:, 1:].float()  # [B, T-1]: predict solution tokens only
         loss = (nll * mask).sum() / mask.sum()
@@ -190,6 +216,7 @@ def warm_start(model, tok) -> None:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     print(f"warm start: {steps} steps, last loss {loss.item():.3f}")
+    model.set_attn_implementation("sdpa")  # what the other scripts load it with
     model.eval()
 
 
@@ -208,6 +235,8 @@ def main() -> None:
     rng = random.Random(0)
     corpus = [CFG.instruction, "\\boxed{}", *(question_text(*make_problem(rng)) for _ in range(200))]
     corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS] + list(NAMES.values())
+    if CFG.varied:
+        corpus += [f" {w}" for words in REMARK_WORDS for w in words]
     tok = build_tokenizer(corpus)
     model = build_model(tok)
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
