@@ -76,8 +76,8 @@ class Config:
     sft_examples: int = arg(32000, "supervised (warm start) examples, drawn fresh with the mistakes above")
     sft_batch_size: int = arg(64, "warm start batch size")
     sft_lr: float = arg(2e-3, "warm start peak learning rate (2e-3 leaves few random slips at temperature 1)")
-    sft_bf16: bool = arg(True, "warm start in bf16 autocast where the CPU has bf16 instructions (AVX512-BF16, AMX): "
-                               "1.5x faster on 2 cores; the saved model is float32 either way")
+    sft_bf16: bool = arg(False, "warm start in bf16 autocast where the CPU has bf16 instructions (AVX512-BF16, AMX): "
+                                "1.5x faster, but a worse warm start (docs/toy.md); the saved model is float32")
     hidden_size: int = arg(128, "tiny Llama width")
     num_layers: int = arg(3, "tiny Llama depth")
     num_heads: int = arg(4, "tiny Llama attention heads")
