@@ -1,6 +1,8 @@
 """dapo.py: the advantage (eq. 13), the loss (eq. 12) and its gradient, the training set, batching, bad input,
 and actor training end to end on the toy task with the real critic (one process, two DDP processes, two FSDP
 ranks, resume)."""
+import functools
+import itertools
 import json
 import os
 import re
@@ -19,11 +21,12 @@ from conftest import assert_sharded_in_two, run_script
 from plumbing.generation import generate
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads that fight over shared cores
-# The toy rollout keeps 38 states of 4 actions: batches of 148 actions are 37 states and then 1, so on two ranks
-# the last batch of each epoch leaves one rank without a state, and micro-batches of 8 (2 states) leave the ranks
-# with different numbers of micro-batches in the others.
-TRAIN_FLAGS = ["--beta", "0.1", "--lr", "3e-4", "--epochs", "2", "--global_batch_actions", "148",
-               "--micro_batch_actions", "8", "--min_gap", "0.1", "--log_every", "1"]
+# The toy rollout kept 57 states of 4 actions on the machine of 2026-12-01: batches of 28 actions are 7 states, 8
+# times, and then 1, so on two ranks the last batch leaves one rank without a state, and micro-batches of 12 (3
+# states) leave the ranks with different numbers of micro-batches in the others. Another CPU samples another
+# rollout, so train_args replaces the two batch sizes with ones that do the same on the data at hand (schedule).
+TRAIN_FLAGS = ["--beta", "0.1", "--lr", "3e-4", "--epochs", "1", "--global_batch_actions", "28",
+               "--micro_batch_actions", "12", "--min_gap", "0.1", "--log_every", "1"]
 FSDP = ["--fsdp", "true", "--gradient_checkpointing", "true"]  # activation checkpointing recomputes the same numbers
 
 
@@ -176,9 +179,28 @@ def toy_critic(toy_dir, toy_rollout, tmp_path_factory):
     return out
 
 
+@functools.lru_cache
+def schedule(rollout: str, critic: str) -> tuple[int, int]:
+    """(--global_batch_actions, --micro_batch_actions) for which, on this rollout's training set (steps 1-3 with this
+    critic), the last batch holds one state (fewer than 2 ranks) and the first leaves the 2 ranks with different
+    numbers of micro-batches: the case the DDP and FSDP tests must cover. The largest such batches (fewest steps)."""
+    states = dapo.read_states(os.path.join(rollout, "states.jsonl"))
+    model = critic_lib.load_critic(critic, torch.device("cpu"))
+    q = dapo.q_values(states, lambda asked: critic_lib.action_values(model, asked))
+    sizes = [len(s["actions"]) for s in dapo.training_set(states, q, 0.1)]
+    for batch, micro in itertools.product(range(4 * (sum(sizes) // 4), 7, -4), (8, 12, 16)):
+        batches = dapo.global_batches(sizes, batch, seed=0)
+        split = [dapo.rank_micro_batches(batches[0], sizes, micro, r, 2) for r in range(2)]
+        if len(batches) >= 2 and len(batches[-1]) == 1 and [] in split[1]:
+            return batch, micro
+    raise AssertionError(f"no batch sizes leave a rank without a state on this rollout: {sizes}")
+
+
 def train_args(toy_dir, toy_rollout, toy_critic, out_dir, *extra):
+    batch, micro = schedule(str(toy_rollout), str(toy_critic))
     return ["dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic), "--rollout_dir", str(toy_rollout),
-            "--out_dir", str(out_dir), *TRAIN_FLAGS, *extra]
+            "--out_dir", str(out_dir), *TRAIN_FLAGS, "--global_batch_actions", str(batch),
+            "--micro_batch_actions", str(micro), *extra]
 
 
 def train(toy_dir, toy_rollout, toy_critic, out_dir, *extra, torchrun=False):
@@ -315,13 +337,15 @@ def assert_same_training(one_dir, two_dir, init_dir):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
 
 
-def test_schedule_premise(actor):
-    """The batches of TRAIN_FLAGS: per epoch one of 37 states, then one of a single state (fewer than 2 ranks)."""
+def test_schedule_premise(actor, toy_rollout, toy_critic):
+    """The batches the actor trained with (train_args): the last holds a single state (fewer than 2 ranks), the first
+    leaves rank 1 an empty micro-batch; one optimizer step per batch."""
     out, _ = actor
-    sizes = [len(t["actions"]) for t in read_cache(out)["train"]]
-    batches = dapo.global_batches(sizes, 148, seed=0)
-    assert [len(b) for b in batches] == [37, 1] and len(read_log(out)) == 4
-    micro = [dapo.rank_micro_batches(batches[0], sizes, 8, r, 2) for r in range(2)]
+    sizes = [len(t["actions"]) for t in read_cache(out)["train"]]  # the training set dapo.py itself made
+    batch, micro = schedule(str(toy_rollout), str(toy_critic))
+    batches = dapo.global_batches(sizes, batch, seed=0)
+    assert len(batches[-1]) == 1 and len(read_log(out)) == len(batches) >= 2
+    micro = [dapo.rank_micro_batches(batches[0], sizes, micro, r, 2) for r in range(2)]
     assert len(micro[0]) == len(micro[1]) and [] in micro[1]  # rank 1 pads with an empty micro-batch
 
 

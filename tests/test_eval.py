@@ -237,7 +237,7 @@ def test_a_second_eos_id_ends_the_response_and_it_is_graded(tmp_path, monkeypatc
     tok.padding_side = "left"
     monkeypatch.setattr(eval_script, "load_tokenizer", lambda path: tok)
     unk = tok.unk_token_id  # the prompt "Q\n" ends with "\n", which the tokenizer does not have
-    monkeypatch.setattr(eval_script, "load_causal_lm", lambda *args: scripted.second_eos_model(prompt_end=unk))
+    monkeypatch.setattr(eval_script, "load_policy", lambda *args, **kwargs: scripted.second_eos_model(prompt_end=unk))
     (tmp_path / "test.jsonl").write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
     argv = ["--model", "scripted", "--data", str(tmp_path / "test.jsonl"), "--out_dir", str(tmp_path / "eval"),
             "--instruction", "", "--k", "3", "--max_new_tokens", "6"]
