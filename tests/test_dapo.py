@@ -183,10 +183,14 @@ def toy_critic(toy_dir, toy_rollout, tmp_path_factory):
 def schedule(rollout: str, critic: str) -> tuple[int, int]:
     """(--global_batch_actions, --micro_batch_actions) for which, on this rollout's training set (steps 1-3 with this
     critic), the last batch holds one state (fewer than 2 ranks) and the first leaves the 2 ranks with different
-    numbers of micro-batches: the case the DDP and FSDP tests must cover. The largest such batches (fewest steps)."""
-    states = dapo.read_states(os.path.join(rollout, "states.jsonl"))
-    model = critic_lib.load_critic(critic, torch.device("cpu"))
-    q = dapo.q_values(states, lambda asked: critic_lib.action_values(model, asked))
+    numbers of micro-batches: the case the DDP and FSDP tests must cover. The largest such batches (fewest steps).
+    Without a critic (a run with --q_source rollout), the training set of the rollout's own Q values."""
+    states = dapo.read_states(os.path.join(rollout, "states.jsonl"), completion_rewards=True)
+    if os.path.isdir(critic):
+        model = critic_lib.load_critic(critic, torch.device("cpu"))
+        q = dapo.q_values(states, lambda asked: critic_lib.action_values(model, asked))
+    else:
+        q = dapo.rollout_q_values(states)
     sizes = [len(s["actions"]) for s in dapo.training_set(states, q, 0.1)]
     for batch, micro in itertools.product(range(4 * (sum(sizes) // 4), 7, -4), (8, 12, 16)):
         batches = dapo.global_batches(sizes, batch, seed=0)
