@@ -367,7 +367,7 @@ def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], bat
     states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's."""
     step_actions = sum(sizes[i] for i in batch)
     micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
-    sums = dict.fromkeys(fit_sums(torch.zeros(1), torch.zeros(1), torch.zeros(1)), 0.0)
+    sums = fit_sums(*[torch.zeros(0, dtype=torch.float64)] * 3)  # the sums over no actions: every rank has every key
     for j, group in enumerate(micro):
         # An empty micro-batch (this rank has run out of states) computes on the step's first state and counts
         # zero: its passes only keep this rank in step with the others' collectives.

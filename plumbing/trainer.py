@@ -48,10 +48,14 @@ class TrainingRun:
         return os.path.join(self.work_dir, "checkpoint")
 
     @property
+    def run_settings(self) -> dict:
+        """The settings that change what is trained (all but `ignore`): what settings.json records."""
+        return {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in self.ignore}
+
+    @property
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed."""
-        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in self.ignore}
-        return {"inputs": self.inputs, "world_size": self.world_size, **settings}
+        return {"inputs": self.inputs, "world_size": self.world_size, **self.run_settings}
 
     @classmethod
     def start(cls, cfg, ignore: tuple[str, ...], inputs: list[str], done: str, world_size: int, is_main: bool,
@@ -73,8 +77,7 @@ class TrainingRun:
         check refuses after `start` (dapo.py's packing check, say) leaves nothing behind."""
         if self.is_main and not self.recorded:
             os.makedirs(self.work_dir, exist_ok=True)
-            settings = {k: v for k, v in self.identity.items() if k not in ("inputs", "world_size")}
-            write_json_atomic(self.settings, settings)
+            write_json_atomic(self.settings, self.run_settings)
         self.recorded = True
 
     def resume(self, model, optimizer) -> dict | None:

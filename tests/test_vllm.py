@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, run_script
+from test_eval import HANG_IN_THE_5TH_GRADING  # eval.py whose 5th grading never ends: a kill lands in chunk 1
 
 from grading import grade_batch
 from plumbing.distributed import Dist
@@ -245,24 +246,6 @@ def kill_when(args: list[str], ready, log_path, env: dict) -> None:
         finally:
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-
-
-# eval.py whose 5th grading never ends (tests/test_eval.py does the same): a kill then lands inside chunk 1.
-HANG_IN_THE_5TH_GRADING = """
-import sys, time
-import eval
-from plumbing import cli
-grade, calls = eval.grade_question, []
-def announced_grade(*args, **kwargs):
-    calls.append(1)
-    print(f"grading question {len(calls)}", flush=True)
-    if len(calls) == 5:
-        time.sleep(600)
-    return grade(*args, **kwargs)
-eval.grade_question = announced_grade
-sys.argv[0] = "eval.py"
-cli.run(eval.main)
-"""
 
 
 @needs_vllm
