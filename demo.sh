@@ -4,7 +4,7 @@
 # Iteration 1 also trains an actor without a critic on the same rollout (dapo.py --q_source rollout: Q from
 # one graded completion per candidate), the ablation that shows what the critic is for.
 #
-#   bash demo.sh                 # the full demo in runs/toy (6-13 minutes on 2 CPU cores)
+#   bash demo.sh                 # the full demo in runs/toy (7 minutes on an idle 2-core CPU)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a 1-2 minute check that it runs
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
@@ -23,7 +23,13 @@ case "$TOY" in toy|varied) ;; *) echo "error: DEMO_TOY must be toy or varied, go
 # runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, runs/varied-seed2-M4, ...
 SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")$([ -z "${DEMO_M:-}" ] && echo "" || echo "-M$DEMO_M")
 PY=${PYTHON:-python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny model: one thread per process beats two fighting threads
+# Two cores. A stage that runs alone uses both: the warm start, critic and DAPO as two threads (their time is the
+# matrix products of the tiny model), the rollout as two ranks under torchrun (its time is many small decoding steps,
+# which a second thread speeds up less than a second process does). A stage beside another (below) has one thread.
+CORES=${DEMO_CORES:-2}  # the demo's figures are measured with 2; another value gives other draws in the rollout
+export OMP_NUM_THREADS=1
+ALONE="env OMP_NUM_THREADS=$CORES $PY"
+RANKS="$PY -m torch.distributed.run --standalone --nproc_per_node $CORES"
 
 if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   KIND=smoke
@@ -70,8 +76,8 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: run COMMAND unless DONE_MARKER e
   "$@"
   printf '%s\t%s\n' "$name" "$(( ($(date +%s%N) - t0) / 1000000 ))" >> "$TIMES"  # milliseconds
 }
-# Every stage runs one thread (OMP_NUM_THREADS=1), so on 2 cores a stage that nothing waits for (an eval, the
-# ablation) runs beside the next ones, on the other core; its output goes to OUT/logs/NAME.log.
+# An eval, which nothing waits for, runs beside the next stages with one thread; its output goes to OUT/logs/NAME.log.
+# (Beside a stage of two threads, a third thread only slows both: the ablation's DAPO runs alone.)
 BESIDE=()
 beside() {  # beside NAME DONE_MARKER COMMAND...: stage in the background
   local name=$1 marker=$2
@@ -90,7 +96,7 @@ wait_beside() {  # the background stages have finished, or the demo stops with t
 }
 WALL0=$(date +%s%N)
 
-stage prepare "$OUT/sft" $PY data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
+stage prepare "$OUT/sft" $ALONE data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
 beside eval-base "$OUT/base/eval/summary.json" \
   $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS
 
@@ -100,17 +106,17 @@ for IT in 1 2; do
   D="$OUT/iter$IT"
   # Stage A: data from the current policy (pi_ref = pi_gen), then the critic on its MC labels.
   stage "iter$IT-rollout" "$D/rollout/summary.json" \
-    $PY rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS
+    $RANKS rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS
   if [ "$IT" = 1 ]; then  # the ablation: the same rollout and settings, Q from one completion instead of the critic
-    beside iter1-no-critic-dapo "$D/no-critic/actor" \
-      $PY dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
+    stage iter1-no-critic-dapo "$D/no-critic/actor" \
+      $ALONE dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
   fi
   stage "iter$IT-critic" "$D/critic" \
-    $PY critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC
+    $ALONE critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC
   # Stage B: advantages from the critic, the DAPO loss, a new actor that is the next iteration's policy.
   stage "iter$IT-dapo" "$D/actor" \
-    $PY dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
-  wait_beside  # the ablation's actor and the last eval have finished: their evals go beside the next stages
+    $ALONE dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
+  wait_beside  # the last evals have finished
   beside "iter$IT-eval" "$D/eval/summary.json" \
     $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS
   if [ "$IT" = 1 ]; then
