@@ -4,7 +4,7 @@
 # Iteration 1 also trains an actor without a critic on the same rollout (dapo.py --q_source rollout: Q from
 # one graded completion per candidate), the ablation that shows what the critic is for.
 #
-#   bash demo.sh                 # the full demo in runs/toy (7 minutes on an idle 2-core CPU)
+#   bash demo.sh                 # the full demo in runs/toy (about 6 minutes on an idle 2-core CPU)
 #   DEMO_SMOKE=1 bash demo.sh    # every stage shrunk, in runs/toy-smoke: a 1-2 minute check that it runs
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
