@@ -9,6 +9,7 @@
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
 #   DEMO_M=4 bash demo.sh        # M = 4 completions per state instead of 16, in runs/toy-M4
+#   DEMO_CORES=4 bash demo.sh    # threads / rollout ranks of a stage that runs alone (default 2, as measured)
 #   OUT=runs/other bash demo.sh  # another output folder
 #
 # Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
@@ -27,6 +28,7 @@ PY=${PYTHON:-python}
 # matrix products of the tiny model), the rollout as two ranks under torchrun (its time is many small decoding steps,
 # which a second thread speeds up less than a second process does). A stage beside another (below) has one thread.
 CORES=${DEMO_CORES:-2}  # the demo's figures are measured with 2; another value gives other draws in the rollout
+case "$CORES" in ''|*[!0-9]*|0*) echo "error: DEMO_CORES must be a positive whole number, got '$CORES'" >&2; exit 2 ;; esac
 export OMP_NUM_THREADS=1
 ALONE="env OMP_NUM_THREADS=$CORES $PY"
 RANKS="$PY -m torch.distributed.run --standalone --nproc_per_node $CORES"

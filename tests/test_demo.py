@@ -63,3 +63,8 @@ def test_the_toy_kind_and_m_are_part_of_the_folder_kind(tmp_path):
     env = {**os.environ, "DEMO_TOY": "other", "OUT": str(tmp_path / "x"), "PYTHON": "false"}
     proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "DEMO_TOY must be toy or varied" in proc.stderr and not (tmp_path / "x").exists()
+    for cores in ("0", "two", "-1"):
+        env = {**os.environ, "DEMO_CORES": cores, "OUT": str(tmp_path / "x"), "PYTHON": "false"}
+        proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "DEMO_CORES must be a positive whole number" in proc.stderr, proc.stderr
+        assert not (tmp_path / "x").exists()
