@@ -2,9 +2,10 @@
 
 The warm start's data adds where the question says subtract ("Subtract: 5+2=7"), 75% of the time. For each test
 question with a subtraction, this script builds the right solution up to its first Subtract step's sign
-("... Subtract: 5"; on the varied toy the earlier steps carry remarks, drawn as in the warm start's data) and reads
-off the probability each policy gives the next token: '-' (the question's operation) or '+' (the mistake). The
-mean over the questions is a direct measure of the fix, beside accuracy, which also counts random slips.
+("... Subtract: 5"; on the varied toy, told by its tokenizer, the earlier steps carry remarks drawn as in the
+warm start's data) and reads off the probability each policy gives the next token: '-' (the question's
+operation) or '+' (the mistake). The mean over the questions is a direct measure of the fix, beside accuracy,
+which also counts random slips.
 
     python data/toy/planted_mistake.py --run_dir runs/toy --policies sft,iter1/actor,iter1/no-critic/actor,iter2/actor
 
@@ -27,7 +28,7 @@ from plumbing.models import build_prompt_ids, load_causal_lm, load_tokenizer  # 
 from plumbing.runfiles import read_jsonl, write_json_atomic  # noqa: E402
 import prepare  # noqa: E402
 
-WORD_OPS = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
+WORD_OPS = {text.split(" {k}")[0]: op for op, text in prepare.OPS.items()}  # "Multiply by" -> "*"
 
 
 @dataclasses.dataclass
@@ -35,14 +36,14 @@ class Config:
     run_dir: str = arg("runs/toy", "a demo.sh folder: test.jsonl, sft/ and the policies below")
     policies: str = arg("sft,iter1/actor,iter1/no-critic/actor,iter2/actor",
                         "policy folders under run_dir, comma-separated")
-    varied: bool = arg(False, "the varied toy (prepare.py --varied true): earlier steps carry remarks")
     seed: int = arg(0, "seed of the remarks drawn for the earlier steps (varied toy)")
 
 
 def parse_question(question: str) -> tuple[int, list[tuple[str, int]]]:
     """The start value and operations of a toy question (prepare.question_text's inverse)."""
     start = re.match(r"Start with (\d+)\.", question)
-    ops = [(WORD_OPS[word], int(k)) for word, k in re.findall(r"(Add|Subtract|Multiply by) (\d+)\.", question)]
+    words = "|".join(WORD_OPS)
+    ops = [(WORD_OPS[word], int(k)) for word, k in re.findall(rf"({words}) (\d+)\.", question)]
     if start is None or not ops:
         raise ValueError(f"not a toy question: {question[:80]!r}")
     return int(start.group(1)), ops
@@ -77,10 +78,11 @@ def main() -> None:
     cfg = parse_config(Config)
     tok = load_tokenizer(os.path.join(cfg.run_dir, "sft"))
     test = os.path.join(cfg.run_dir, "test.jsonl")
-    rows = trap_prefixes([r["question"] for r in read_jsonl(test, required=("question",))], tok, cfg.varied, cfg.seed)
+    varied = all(f" {w}" in tok.get_vocab() for words in prepare.REMARK_WORDS for w in words)  # prepare.py --varied
+    rows = trap_prefixes([r["question"] for r in read_jsonl(test, required=("question",))], tok, varied, cfg.seed)
     if not rows:
         raise InputError(f"{test}: no question with a subtraction")
-    right, wrong = tok.convert_tokens_to_ids("-"), tok.convert_tokens_to_ids("+")
+    right, wrong = tok.convert_tokens_to_ids("-"), tok.convert_tokens_to_ids(prepare.mistake("-"))
     result = {}
     print(f"| policy | P('-'), the right sign | P('+'), the planted mistake |  ({len(rows)} test questions)")
     print("|---|---|---|")
