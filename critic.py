@@ -30,7 +30,12 @@ Training, one pass per solution:
     torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
 
-Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults). A killed run resumes
+Reading order: the model, V(s . a) for stage B (value_alone, the plain definition, before action_values, the
+same numbers with each state read once), the loss, the data and the training loop come first; below the
+"machinery" line is what a learner may skip; main() marks its lines ALGORITHM or MACHINERY.
+
+Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults); the toy task takes
+--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1 (demo.sh). A killed run resumes
 from out_dir.work/checkpoint/ (a torch.distributed.checkpoint directory, sharded under --fsdp) when rerun with
 the same command (docs/pipeline.md, "Reruns and resume"); out_dir itself appears only when the critic is
 complete, as full weights that load without FSDP.
@@ -101,7 +106,7 @@ RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size",
 TOY_FLAGS = "--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
 
 
-# ============================================================================================================ the model
+# ============================================================================= the model
 class Critic(torch.nn.Module):
     """V_phi(s) = sigmoid(w . h(s) + b), h(s) the backbone's last hidden state at the last token of s."""
 
@@ -174,7 +179,7 @@ def packed_values(critic: Critic, states: list[list[int]], actions: list[list[li
     return v[rows.last_row, rows.last_col]  # [N]
 
 
-# ============================================================================================================= the loss
+# ============================================================================= the loss
 def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-state loss of the critic against the MC label V_hat(s) (docs/algorithm.md, "The critic"); [N] -> [N].
     mse: (V(s) - V_hat(s))^2, the arXiv version.
@@ -224,7 +229,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch)).tolist()
 
 
-# ================================================================================================= training (steps 3-4)
+# ============================================================================= training (steps 3-4)
 def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
     """The forward and backward passes of one optimizer step: this rank's share of the global batch in
     micro-batches, one forward pass per solution (V at every step boundary), the loss against the MC labels.
@@ -452,7 +457,7 @@ def print_metrics(m: dict) -> None:
               f"{row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
 
 
-# ================================================================================================================= main
+# ============================================================================= main
 # The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
     # MACHINERY: settings, DDP, the rerun rule. ALGORITHM 1-2: the solutions with their MC labels, held-out

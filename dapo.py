@@ -21,6 +21,11 @@ Steps 1, 4 and 5 read each state once: one row holds the state and then all its 
 attending to the state and to itself (plumbing.shared_prefix), instead of one row per (state, candidate).
 Before steps 1 and 4, a few states are run both ways: a model family whose rows differ is refused.
 
+Reading order: the functions of steps 1-5 come first, the plain definitions of Q(s, a) and log pi(a|s)
+(q_value, action_logp: one (state, action) pair at a time) before the packed versions the stage runs
+(q_values, action_logps: the same numbers, faster); below the "machinery" line is what a learner may skip
+(input validation, loading, DDP/FSDP batching, metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
+
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
@@ -114,7 +119,7 @@ TOY_FLAGS = "--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --bet
 CACHE = "prepared.pt"  # in out_dir.work/: Q values, advantages, the training set and log pi_ref (steps 1-4)
 
 
-# ====================================================================================================== step 1: Q(s, a)
+# ============================================================================= step 1: Q(s, a)
 def q_value(critic, state: list[int], action: list[int], terminal: bool, reward: float | None) -> float:
     """Q(s, a), the plain definition: the graded reward r when a ends the solution (Q = r + V(finished) = r),
     else V_phi(s . a), the critic on the sequence s . a alone (Q = 0 + V)."""
@@ -181,7 +186,7 @@ def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> li
     return kept
 
 
-# ================================================================================================== step 4: log pi(a|s)
+# ============================================================================= step 4: log pi(a|s)
 def action_logp(model, state: list[int], action: list[int]) -> float:
     """log pi(a|s), the plain definition: the SUM of the action's token log-probs, from the model's plain forward
     of the sequence s . a (the logits at the state's last token and at every action token but the last predict
@@ -477,7 +482,7 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     print(f"wrote the actor to {cfg.out_dir} ({len(log)} steps, {time.time() - t0:.0f}s)")
 
 
-# ================================================================================================================= main
+# ============================================================================= main
 # The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
     # MACHINERY: settings, DDP, every input checked in full before anything is written, the rerun rule.

@@ -65,7 +65,7 @@ class Config(QuestionConfig, EngineConfig):
 RESUME_IGNORES = ("out_dir", "overwrite")
 
 
-# ============================================================================================================= accuracy
+# ============================================================================= accuracy
 def majority_answer(texts: list[str]) -> str | None:
     """maj@k vote: the most frequent normalised final answer, equal answers (grading.answers_match) counted
     together; a tie goes to the answer seen first; None when no response has an answer."""
@@ -129,7 +129,7 @@ def print_table(s: dict) -> None:
     print(f"  {'cut by the token limit':<28} {cut}")
 
 
-# ================================================================================================================= main
+# ============================================================================= main
 # The lines under an ALGORITHM comment are the evaluation; those under MACHINERY a learner may skip.
 def main() -> None:
     # MACHINERY: settings, DDP, the questions checked in full before anything is written, the rerun rule, resume.

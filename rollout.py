@@ -240,7 +240,7 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     return questions
 
 
-# ================================================================================================================= main
+# ============================================================================= main
 # The paper's steps are rollout_chunk's; in main the lines under an ALGORITHM comment are the algorithm, those under
 # MACHINERY a learner may skip.
 def main() -> None:
