@@ -30,7 +30,12 @@ Training, one pass per solution:
     torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
 
-Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults). A killed run resumes
+Reading order: the model, V(s . a) for stage B (value_alone, the plain definition, before action_values, the
+same numbers with each state read once), the loss, the data and the training loop come first; below the
+"machinery" line is what a learner may skip; main() marks its lines ALGORITHM or MACHINERY.
+
+Paper settings (7-8B models): --lr 5e-6 --epochs 1 --batch_size 512 (the defaults); the toy task takes
+--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1 (demo.sh). A killed run resumes
 from out_dir.work/checkpoint/ (a torch.distributed.checkpoint directory, sharded under --fsdp) when rerun with
 the same command (docs/pipeline.md, "Reruns and resume"); out_dir itself appears only when the critic is
 complete, as full weights that load without FSDP.
@@ -57,7 +62,7 @@ from plumbing.models import (autocast, check_model_path, check_shardable, disabl
                              load_pretrained, load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
-from plumbing.trainer import lr_at, set_lr, TrainingRun
+from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
 
 HEAD_FILE = "value_head.pt"
 
@@ -96,6 +101,9 @@ class Config:
 # Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "log_every",
                   "checkpoint_every", "stop_after")
+# The defaults are the paper's settings for 7-8B models; the toy task takes TOY_FLAGS (demo.sh's), which a run of
+# only a few optimizer steps at the default learning rate names (plumbing.trainer.paper_defaults_note).
+TOY_FLAGS = "--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
 
 
 # ============================================================================= the model
@@ -130,6 +138,231 @@ class Critic(torch.nn.Module):
                                use_cache=False).last_hidden_state  # [B, T, H]
         logits = self.value_head(hidden).squeeze(-1)  # [B, T]
         return logits if return_logits else torch.sigmoid(logits)
+
+
+# ================================================ V(s . a) for stage B: the plain definition, then each state read once
+def value_alone(critic: Critic, state: list[int], action: list[int]) -> float:
+    """V_phi(s . a), the plain definition: the critic on the sequence s . a alone, as it is trained (V(s) for an
+    empty action)."""
+    ids = torch.tensor([state + action], device=next(critic.parameters()).device)  # [1, L]
+    return critic(ids, torch.ones_like(ids))[0, -1].item()
+
+
+@torch.no_grad()
+def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
+                  batch_actions: int = 64) -> list[list[float]]:
+    """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
+    (V(s) for an empty action). value_alone's numbers, computed faster and checked equal in
+    tests/test_shared_prefix.py::test_q_values_are_the_plain_q_value: each state is read once, its actions packed
+    after it in one row (plumbing.shared_prefix); whole states of similar length share a forward pass of about
+    batch_actions actions."""
+    device = next(critic.parameters()).device
+    was_training = critic.training
+    critic.eval()
+    order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]) + sum(map(len, asked[i][1])))
+    values: list[list[float]] = [[] for _ in asked]
+    for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
+        with autocast(device):
+            flat = iter(packed_values(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
+        for i in batch:
+            values[i] = [next(flat) for _ in asked[i][1]]
+    critic.train(was_training)
+    return values
+
+
+def packed_values(critic: Critic, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
+    """V(s . a) of every action of a batch of states from their shared-prefix rows: [N], the actions in order.
+    value_alone's numbers, computed faster (each state read once) and checked equal in
+    tests/test_shared_prefix.py::test_q_values_are_the_plain_q_value (and by check_action_values on every run)."""
+    rows = shared_prefix_rows(states, actions, next(critic.parameters()).device)
+    v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
+               position_ids=rows.position_ids).float()  # [B, W]
+    return v[rows.last_row, rows.last_col]  # [N]
+
+
+# ============================================================================= the loss
+def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-state loss of the critic against the MC label V_hat(s) (docs/algorithm.md, "The critic"); [N] -> [N].
+    mse: (V(s) - V_hat(s))^2, the arXiv version.
+    bce: -[V_hat log V + (1 - V_hat) log(1 - V)], the NeurIPS version (computed from the logits: stable)."""
+    if kind == "mse":
+        return (torch.sigmoid(logits) - mc_value) ** 2
+    return F.binary_cross_entropy_with_logits(logits, mc_value, reduction="none")
+
+
+# =========================================== the data: one weight per distinct state, held-out questions, micro-batches
+def state_weights(solutions: list[dict]) -> None:
+    """Set s["weights"][t] = 1 / (number of solutions of the question that contain state s_t), so that every
+    distinct state has total weight 1 however many kept solutions share it (its MC label is the same in each).
+    Without it s_0, in all n solutions of a question, would weigh n times a state of one solution."""
+    by_question = collections.defaultdict(list)
+    for s in solutions:
+        by_question[s["qid"]].append(s)
+    for group in by_question.values():  # one question at a time: only its prefixes are held in memory
+        prefixes = [[tuple(s["ids"][: p + 1]) for p in s["value_positions"]] for s in group]
+        count = collections.Counter(p for ps in prefixes for p in ps)
+        for s, ps in zip(group, prefixes, strict=True):
+            s["weights"] = [1.0 / count[p] for p in ps]
+
+
+def split_by_question(solutions: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held-out), split by question. The held-out questions are those whose id hashes lowest: the
+    same questions in every run and every DAPO iteration, so a warm-started critic never saw them."""
+    qids = sorted({s["qid"] for s in solutions}, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
+    n_out = min(len(qids) - 1, math.ceil(heldout_fraction * len(qids))) if heldout_fraction > 0 else 0
+    heldout = set(qids[:n_out])
+    return [s for s in solutions if s["qid"] not in heldout], [s for s in solutions if s["qid"] in heldout]
+
+
+def collate(solutions: list[dict], device) -> tuple[torch.Tensor, ...]:
+    """A micro-batch: right-padded ids and mask [B, T], and for every state its row, position, label and loss
+    weight [N]."""
+    ids, mask = pad_right([s["ids"] for s in solutions], device)  # [B, T]
+    rows = torch.tensor([b for b, s in enumerate(solutions) for _ in s["value_positions"]], device=device)  # [N]
+    cols = torch.tensor([p for s in solutions for p in s["value_positions"]], device=device)  # [N]
+    labels = torch.tensor([v for s in solutions for v in s["mc_values"]], device=device)  # [N]
+    weights = torch.tensor([w for s in solutions for w in s["weights"]], device=device)  # [N]
+    return ids, mask, rows, cols, labels, weights
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of the training solutions in an epoch: the same on every rank and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch)).tolist()
+
+
+# ============================================================================= training (steps 3-4)
+def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
+    """The forward and backward passes of one optimizer step: this rank's share of the global batch in
+    micro-batches, one forward pass per solution (V at every step boundary), the loss against the MC labels.
+    The gradient is the weighted mean over the global batch's states (state_weights; divided by this batch's
+    total weight); returns this rank's weighted sum of the loss."""
+    total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
+    mine = batch[ddp.rank:: ddp.world_size]
+    accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
+    loss_sum = 0.0
+    for micro in range(accum):
+        ids, mask, rows, cols, labels, weights = collate(
+            mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
+        sync_gradients(model, micro == accum - 1)  # reduce the gradients once, on the last micro-step
+        with autocast(ddp.device):
+            logits = model(ids, mask, return_logits=True)  # [B, T]
+        weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
+        # DDP and FSDP average gradients over ranks: x world_size / (total weight of the global batch) makes the
+        # gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
+        (weighted.sum() * ddp.world_size / total_weight).backward()
+        loss_sum += weighted.sum().item()
+    return loss_sum
+
+
+def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train: list[dict], heldout: list[dict],
+                 t0: float):
+    """Steps 3-4: --epochs passes over the training solutions in global batches of --batch_size, AdamW with
+    warm-up and linear decay and gradient clipping, resumed from the run's checkpoint when there is one. The last
+    step's loss, or None when --stop_after stopped the run."""
+    steps_per_epoch = len(train) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(critic.backbone)
+    critic.train()
+    disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
+    model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
+    optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    meta = training.resume(critic, optimizer)
+    step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
+    if ddp.is_main:
+        note = paper_defaults_note("critic.py", cfg, total_steps, TOY_FLAGS)
+        if note:
+            print(note)
+        warn_useless_data([v for s in train for v in s["mc_values"]],
+                          after=": the critic can only learn a constant (see the rollout's summary.json)")
+        print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
+              f"{round(sum(w for s in train for w in s['weights']))} distinct), {len(heldout)} held out | "
+              f"{total_steps} steps of "
+              f"{cfg.batch_size} solutions = {cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)} "
+              f"micro-batch(es) of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}")
+    bar = progress(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
+    first_step = step
+    while step < total_steps:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train), cfg.seed, epoch)
+        batch = [train[i] for i in order[k * cfg.batch_size: (k + 1) * cfg.batch_size]]
+        lr = lr_at(step, total_steps, int(cfg.warmup_fraction * total_steps), cfg.lr)
+        set_lr(optimizer, lr)
+        loss_sum = critic_step(cfg, ddp, model, batch)
+        grad_norm = clip_gradients(critic, cfg.grad_clip)
+        optimizer.step()
+        if step == first_step:  # parameters, gradients and AdamW state all exist now
+            shards = held_per_rank(critic, optimizer)
+            if ddp.is_main:
+                tqdm.write(shards)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss = all_ranks_sum(loss_sum) / sum(w for s in batch for w in s["weights"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
+            tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
+                       f"grad norm {grad_norm:.3f} | {time.time() - t0:.1f}s")
+        if training.after_step(step, total_steps, critic, optimizer, {"train_loss": loss}):
+            return None
+    bar.close()
+    return loss
+
+
+# ===================== machinery (a learner may skip: input validation, loading and saving, the packing check, metrics)
+def load_solutions(path: str) -> list[dict]:
+    """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values, weights} per solution, where
+    value_positions[t] = step_ends[t] - 1 is the last token of state s_t and weights[t] its loss weight
+    (state_weights)."""
+    solutions = []
+    for r in read_jsonl(path, required=("qid", "ids", "step_ends", "mc_values")):
+        where = f"{path} line {r['_line']}"
+        ids, ends, labels = r["ids"], r["step_ends"], r["mc_values"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise InputError(f"{where}: 'ids' must be a non-empty list of token ids")
+        if not isinstance(ends, list) or not isinstance(labels, list) or not ends or len(ends) != len(labels):
+            raise InputError(f"{where}: 'step_ends' and 'mc_values' must be non-empty lists of the same length")
+        if not all(isinstance(e, int) and 1 <= e <= len(ids) for e in ends):
+            raise InputError(f"{where}: every step end must be a position in 1..len(ids) = {len(ids)}")
+        if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in labels):
+            raise InputError(f"{where}: MC labels must be numbers in [0, 1], got {labels}")
+        # Tokens after the last state's end (the final action) carry no label: drop them.
+        solutions.append({"qid": str(r["qid"]), "ids": ids[: max(ends)], "value_positions": [e - 1 for e in ends],
+                          "mc_values": [float(v) for v in labels]})
+    state_weights(solutions)
+    return solutions
+
+
+def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
+    """Steps 1-2, before anything is written: the settings checked, solutions.jsonl read and validated in full,
+    the held-out questions set aside. (train, held-out)."""
+    if cfg.loss not in ("mse", "bce"):
+        raise InputError(f"--loss must be mse or bce, got {cfg.loss!r}")
+    if cfg.batch_size % (cfg.micro_batch_size * world_size):
+        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
+                         f"= {cfg.micro_batch_size * world_size}")
+    path = os.path.join(cfg.rollout_dir, "solutions.jsonl")
+    train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
+    if len(train) < cfg.batch_size:  # a last partial batch is dropped: every rank does the same work
+        note = paper_defaults_note("critic.py", cfg, 0, TOY_FLAGS)
+        raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch "
+                         f"(--batch_size {cfg.batch_size})" + (f"; {note}" if note else ""))
+    if cfg.fsdp:
+        from transformers import AutoModel
+
+        check_shardable(cfg.init_critic or cfg.init, AutoModel)
+    return train, heldout
+
+
+def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
+    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone."""
+    source = cfg.init_critic or cfg.init
+    critic = load_critic(source, device) if cfg.init_critic else Critic.from_backbone(source, device)
+    vocab = critic.backbone.get_input_embeddings().num_embeddings
+    if max(t for s in solutions for t in s["ids"]) >= vocab:
+        raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
+                         f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
+    return critic
 
 
 def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None,
@@ -187,121 +420,12 @@ def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[i
     return values
 
 
-def packed_values(critic: Critic, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
-    """V(s . a) of every action of a batch of states from their shared-prefix rows: [N], the actions in order."""
-    rows = shared_prefix_rows(states, actions, next(critic.parameters()).device)
-    v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
-               position_ids=rows.position_ids).float()  # [B, W]
-    return v[rows.last_row, rows.last_col]  # [N]
-
-
-def value_alone(critic: Critic, state: list[int], action: list[int]) -> float:
-    """V(s . a) from the sequence s . a on its own, as the critic is trained: what a packed row must equal."""
-    ids = torch.tensor([state + action], device=next(critic.parameters()).device)  # [1, L]
-    return critic(ids, torch.ones_like(ids))[0, -1].item()
-
-
 def check_action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]) -> None:
     """Refuse with one line, before any Q value is used, a critic whose shared-prefix rows do not give the
     values of each (state, action) alone (plumbing.shared_prefix.check_packing)."""
     check_packing(critic, packed_values, value_alone, asked, "the critic's V(s . a)", per_token=False)
 
 
-@torch.no_grad()
-def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
-                  batch_actions: int = 64) -> list[list[float]]:
-    """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
-    (V(s) for an empty action). Each state is read once, its actions packed after it in one row
-    (plumbing.shared_prefix); whole states of similar length share a forward pass of about batch_actions
-    actions."""
-    device = next(critic.parameters()).device
-    was_training = critic.training
-    critic.eval()
-    order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]) + sum(map(len, asked[i][1])))
-    values: list[list[float]] = [[] for _ in asked]
-    for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
-        with autocast(device):
-            flat = iter(packed_values(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
-        for i in batch:
-            values[i] = [next(flat) for _ in asked[i][1]]
-    critic.train(was_training)
-    return values
-
-
-# ============================================================================= the loss
-def critic_loss(logits: torch.Tensor, mc_value: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-state loss of the critic against the MC label V_hat(s) (docs/algorithm.md, "The critic"); [N] -> [N].
-    mse: (V(s) - V_hat(s))^2, the arXiv version.
-    bce: -[V_hat log V + (1 - V_hat) log(1 - V)], the NeurIPS version (computed from the logits: stable)."""
-    if kind == "mse":
-        return (torch.sigmoid(logits) - mc_value) ** 2
-    return F.binary_cross_entropy_with_logits(logits, mc_value, reduction="none")
-
-
-# ============================================================================= data
-def load_solutions(path: str) -> list[dict]:
-    """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values, weights} per solution, where
-    value_positions[t] = step_ends[t] - 1 is the last token of state s_t and weights[t] its loss weight
-    (state_weights)."""
-    solutions = []
-    for r in read_jsonl(path, required=("qid", "ids", "step_ends", "mc_values")):
-        where = f"{path} line {r['_line']}"
-        ids, ends, labels = r["ids"], r["step_ends"], r["mc_values"]
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
-            raise InputError(f"{where}: 'ids' must be a non-empty list of token ids")
-        if not isinstance(ends, list) or not isinstance(labels, list) or not ends or len(ends) != len(labels):
-            raise InputError(f"{where}: 'step_ends' and 'mc_values' must be non-empty lists of the same length")
-        if not all(isinstance(e, int) and 1 <= e <= len(ids) for e in ends):
-            raise InputError(f"{where}: every step end must be a position in 1..len(ids) = {len(ids)}")
-        if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in labels):
-            raise InputError(f"{where}: MC labels must be numbers in [0, 1], got {labels}")
-        # Tokens after the last state's end (the final action) carry no label: drop them.
-        solutions.append({"qid": str(r["qid"]), "ids": ids[: max(ends)], "value_positions": [e - 1 for e in ends],
-                          "mc_values": [float(v) for v in labels]})
-    state_weights(solutions)
-    return solutions
-
-
-def state_weights(solutions: list[dict]) -> None:
-    """Set s["weights"][t] = 1 / (number of solutions of the question that contain state s_t), so that every
-    distinct state has total weight 1 however many kept solutions share it (its MC label is the same in each).
-    Without it s_0, in all n solutions of a question, would weigh n times a state of one solution."""
-    by_question = collections.defaultdict(list)
-    for s in solutions:
-        by_question[s["qid"]].append(s)
-    for group in by_question.values():  # one question at a time: only its prefixes are held in memory
-        prefixes = [[tuple(s["ids"][: p + 1]) for p in s["value_positions"]] for s in group]
-        count = collections.Counter(p for ps in prefixes for p in ps)
-        for s, ps in zip(group, prefixes, strict=True):
-            s["weights"] = [1.0 / count[p] for p in ps]
-
-
-def split_by_question(solutions: list[dict], heldout_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, held-out), split by question. The held-out questions are those whose id hashes lowest: the
-    same questions in every run and every DAPO iteration, so a warm-started critic never saw them."""
-    qids = sorted({s["qid"] for s in solutions}, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
-    n_out = min(len(qids) - 1, math.ceil(heldout_fraction * len(qids))) if heldout_fraction > 0 else 0
-    heldout = set(qids[:n_out])
-    return [s for s in solutions if s["qid"] not in heldout], [s for s in solutions if s["qid"] in heldout]
-
-
-def collate(solutions: list[dict], device) -> tuple[torch.Tensor, ...]:
-    """A micro-batch: right-padded ids and mask [B, T], and for every state its row, position, label and loss
-    weight [N]."""
-    ids, mask = pad_right([s["ids"] for s in solutions], device)  # [B, T]
-    rows = torch.tensor([b for b, s in enumerate(solutions) for _ in s["value_positions"]], device=device)  # [N]
-    cols = torch.tensor([p for s in solutions for p in s["value_positions"]], device=device)  # [N]
-    labels = torch.tensor([v for s in solutions for v in s["mc_values"]], device=device)  # [N]
-    weights = torch.tensor([w for s in solutions for w in s["weights"]], device=device)  # [N]
-    return ids, mask, rows, cols, labels, weights
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled order of the training solutions in an epoch: the same on every rank and after a resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch)).tolist()
-
-
-# ============================================================================= held-out metrics
 def heldout_metrics(critic: Critic, heldout: list[dict], batch_size: int, bins: int = 10) -> dict:
     """MSE, Pearson r and a calibration table over the held-out states, each state once (s_0 and shared
     prefixes appear in several solutions of a question)."""
@@ -334,119 +458,15 @@ def print_metrics(m: dict) -> None:
               f"{row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
 
 
-# ============================================================================= the stage's steps, as main() calls them
-def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
-    """Steps 1-2, before anything is written: the settings checked, solutions.jsonl read and validated in full,
-    the held-out questions set aside. (train, held-out)."""
-    if cfg.loss not in ("mse", "bce"):
-        raise InputError(f"--loss must be mse or bce, got {cfg.loss!r}")
-    if cfg.batch_size % (cfg.micro_batch_size * world_size):
-        raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
-                         f"= {cfg.micro_batch_size * world_size}")
-    path = os.path.join(cfg.rollout_dir, "solutions.jsonl")
-    train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
-    if len(train) < cfg.batch_size:  # a last partial batch is dropped: every rank does the same work
-        raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch "
-                         f"(--batch_size {cfg.batch_size})")
-    if cfg.fsdp:
-        from transformers import AutoModel
-
-        check_shardable(cfg.init_critic or cfg.init, AutoModel)
-    return train, heldout
-
-
-def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
-    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone."""
-    source = cfg.init_critic or cfg.init
-    critic = load_critic(source, device) if cfg.init_critic else Critic.from_backbone(source, device)
-    vocab = critic.backbone.get_input_embeddings().num_embeddings
-    if max(t for s in solutions for t in s["ids"]) >= vocab:
-        raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
-                         f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
-    return critic
-
-
-def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
-    """The forward and backward passes of one optimizer step: this rank's share of the global batch in
-    micro-batches, one forward pass per solution (V at every step boundary), the loss against the MC labels.
-    The gradient is the weighted mean over the global batch's states (state_weights; divided by this batch's
-    total weight); returns this rank's weighted sum of the loss."""
-    total_weight = sum(w for s in batch for w in s["weights"])  # over all ranks: every rank sees the whole batch
-    mine = batch[ddp.rank:: ddp.world_size]
-    accum = cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)
-    loss_sum = 0.0
-    for micro in range(accum):
-        ids, mask, rows, cols, labels, weights = collate(
-            mine[micro * cfg.micro_batch_size: (micro + 1) * cfg.micro_batch_size], ddp.device)
-        sync_gradients(model, micro == accum - 1)  # reduce the gradients once, on the last micro-step
-        with autocast(ddp.device):
-            logits = model(ids, mask, return_logits=True)  # [B, T]
-        weighted = weights * critic_loss(logits[rows, cols].float(), labels, cfg.loss)  # [N]
-        # DDP and FSDP average gradients over ranks: x world_size / (total weight of the global batch) makes the
-        # gradient the weighted mean over the global batch, however it is split into ranks and micro-batches.
-        (weighted.sum() * ddp.world_size / total_weight).backward()
-        loss_sum += weighted.sum().item()
-    return loss_sum
-
-
-def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train: list[dict], heldout: list[dict],
-                 t0: float):
-    """Steps 3-4: --epochs passes over the training solutions in global batches of --batch_size, AdamW with
-    warm-up and linear decay and gradient clipping, resumed from the run's checkpoint when there is one. The last
-    step's loss, or None when --stop_after stopped the run."""
-    steps_per_epoch = len(train) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(critic.backbone)
-    critic.train()
-    disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
-    model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meta = training.resume(critic, optimizer)
-    step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
-    if ddp.is_main:
-        warn_useless_data([v for s in train for v in s["mc_values"]],
-                          after=": the critic can only learn a constant (see the rollout's summary.json)")
-        print(f"{len(train)} training solutions ({sum(len(s['mc_values']) for s in train)} states, "
-              f"{round(sum(w for s in train for w in s['weights']))} distinct), {len(heldout)} held out | "
-              f"{total_steps} steps of "
-              f"{cfg.batch_size} solutions = {cfg.batch_size // (cfg.micro_batch_size * ddp.world_size)} "
-              f"micro-batch(es) of {cfg.micro_batch_size} x {ddp.world_size} rank(s) | loss {cfg.loss}")
-    bar = progress(total=total_steps, initial=step, desc="critic", disable=not ddp.is_main)
-    first_step = step
-    while step < total_steps:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train), cfg.seed, epoch)
-        batch = [train[i] for i in order[k * cfg.batch_size: (k + 1) * cfg.batch_size]]
-        lr = lr_at(step, total_steps, int(cfg.warmup_fraction * total_steps), cfg.lr)
-        set_lr(optimizer, lr)
-        loss_sum = critic_step(cfg, ddp, model, batch)
-        grad_norm = clip_gradients(critic, cfg.grad_clip)
-        optimizer.step()
-        if step == first_step:  # parameters, gradients and AdamW state all exist now
-            shards = held_per_rank(critic, optimizer)
-            if ddp.is_main:
-                tqdm.write(shards)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = all_ranks_sum(loss_sum) / sum(w for s in batch for w in s["weights"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
-            tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
-                       f"grad norm {grad_norm:.3f} | {time.time() - t0:.1f}s")
-        if training.after_step(step, total_steps, critic, optimizer, {"train_loss": loss}):
-            return None
-    bar.close()
-    return loss
-
-
 # ============================================================================= main
+# The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
+    # MACHINERY: settings, DDP, the rerun rule. ALGORITHM 1-2: the solutions with their MC labels, held-out
+    # questions set aside (read and checked in full before anything is written).
     cfg = parse_config(Config)
     ddp = setup_distributed()
     set_seed(cfg.seed)
-    train, heldout = read_inputs(cfg, ddp.world_size)  # 1-2, in full, before anything is written
+    train, heldout = read_inputs(cfg, ddp.world_size)
     source = cfg.init_critic or cfg.init
     training = TrainingRun.start(cfg, RESUME_IGNORES, [os.path.join(cfg.rollout_dir, "solutions.jsonl"), source],
                                  "metrics.json", ddp.world_size, ddp.is_main)
@@ -454,18 +474,19 @@ def main() -> None:
         cleanup_distributed()
         return
 
-    # 3-4. The critic, trained on the MC labels: one forward pass per solution gives V at every step boundary.
+    # ALGORITHM 3-4. The critic, trained on the MC labels: one forward pass per solution gives V at every step
+    # boundary.
     tok = load_tokenizer(source)
     critic = build_critic(cfg, ddp.device, train + heldout)
     t0 = time.time()
     loss = train_critic(cfg, ddp, training, critic, train, heldout, t0)
-    if loss is None:  # stopped by --stop_after, leaving only the checkpoint
+    if loss is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint
         cleanup_distributed()
         return
 
-    # 5. Held-out metrics, then the critic directory. A sharded critic computes only with every rank joining each
-    # forward pass (each layer's parameters are gathered from all), so under FSDP every rank measures the same
-    # held-out batches; its full weights are gathered onto rank 0's CPU to be saved.
+    # ALGORITHM 5. Held-out metrics, then the critic directory. MACHINERY: a sharded critic computes only with
+    # every rank joining each forward pass (each layer's parameters are gathered from all), so under FSDP every
+    # rank measures the same held-out batches; its full weights are gathered onto rank 0's CPU to be saved.
     metrics = heldout_metrics(critic, heldout, cfg.eval_batch_size) if heldout and (ddp.is_main or cfg.fsdp) else None
     state = full_state_dict(critic) if cfg.fsdp else None
     if ddp.is_main:

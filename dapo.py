@@ -21,6 +21,11 @@ Steps 1, 4 and 5 read each state once: one row holds the state and then all its 
 attending to the state and to itself (plumbing.shared_prefix), instead of one row per (state, candidate).
 Before steps 1 and 4, a few states are run both ways: a model family whose rows differ is refused.
 
+Reading order: the functions of steps 1-5 come first, the plain definitions of Q(s, a) and log pi(a|s)
+(q_value, action_logp: one (state, action) pair at a time) before the packed versions the stage runs
+(q_values, action_logps: the same numbers, faster); below the "machinery" line is what a learner may skip
+(input validation, loading, DDP/FSDP batching, metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
+
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
@@ -67,9 +72,9 @@ from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradi
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
-from plumbing.shared_prefix import check_packing, logp_alone, pack, shared_prefix_rows
-from plumbing.trainer import lr_at, set_lr, TrainingRun
-from critic import action_values, check_action_values, load_critic
+from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
+from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
+from critic import action_values, check_action_values, load_critic, value_alone
 
 
 @dataclasses.dataclass
@@ -108,62 +113,34 @@ class Config:
 # Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
                   "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
+# The defaults are the paper's settings for 7-8B models; the toy task takes TOY_FLAGS (demo.sh's), which a run of
+# only a few optimizer steps at the default learning rate names (plumbing.trainer.paper_defaults_note).
+TOY_FLAGS = "--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4"
 CACHE = "prepared.pt"  # in out_dir.work/: Q values, advantages, the training set and log pi_ref (steps 1-4)
 
 
-# ============================================================================= the states
-def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
-    """states.jsonl of rollout.py, every record checked before anything is computed; completion_rewards: every
-    action must carry the reward of its completion (--q_source rollout)."""
-    states = read_jsonl(path, required=("qid", "state_ids", "actions"))
-    is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
-    for s in states:
-        where = f"{path} line {s['_line']}"
-        if not is_ids(s["state_ids"]) or not s["state_ids"]:
-            raise InputError(f"{where}: state_ids must be a non-empty list of token ids")
-        if not isinstance(s["actions"], list) or not s["actions"]:
-            raise InputError(f"{where}: actions must be a non-empty list")
-        for a in s["actions"]:
-            if not isinstance(a, dict) or not is_ids(a.get("ids")) or not isinstance(a.get("terminal"), bool):
-                raise InputError(f"{where}: every action needs ids (a list of token ids) and terminal (true or false)")
-            if a["terminal"] and not isinstance(a.get("reward"), (int, float)):
-                raise InputError(f"{where}: an action that ends the solution needs its reward (a number)")
-            if completion_rewards and not isinstance(a.get("completion_reward"), (int, float)):
-                raise InputError(f"{where}: --q_source rollout needs every action's completion_reward (a number), "
-                                 "which rollout.py writes")
-    return states
-
-
 # ============================================================================= step 1: Q(s, a)
-def q_values(states: list[dict], action_values) -> list[list[float]]:
-    """Q(s, a_i) of every candidate: the reward when a_i ends the solution (Q = r + V(terminal) = r), else
-    V_phi(s . a_i) (Q = 0 + V). action_values maps [(state, [action, ...]), ...] to [[V(state . action), ...],
-    ...]; each distinct state is asked once, with its distinct non-terminal candidates (duplicates and records
-    of the same state share them)."""
+def q_value(critic, state: list[int], action: list[int], terminal: bool, reward: float | None) -> float:
+    """Q(s, a), the plain definition: the graded reward r when a ends the solution (Q = r + V(finished) = r),
+    else V_phi(s . a), the critic on the sequence s . a alone (Q = 0 + V)."""
+    return float(reward) if terminal else value_alone(critic, state, action)
+
+
+def q_values(states: list[dict], values_of) -> list[list[float]]:
+    """Q(s, a_i) of every candidate of every state: q_value's numbers, computed faster (each state read once) and
+    checked equal in tests/test_shared_prefix.py::test_q_values_are_the_plain_q_value. values_of maps
+    [(state, [action, ...]), ...] to [[V(state . action), ...], ...] (critic.action_values); each distinct state is
+    asked once, with its distinct non-terminal candidates (duplicates and records of the same state share them)."""
     candidates: dict[tuple, dict[tuple, None]] = {}  # state -> its distinct non-terminal actions, in order
     for s in states:
         for a in s["actions"]:
             if not a["terminal"]:
                 candidates.setdefault(tuple(s["state_ids"]), {})[tuple(a["ids"])] = None
     asked = [(list(state), [list(a) for a in actions]) for state, actions in candidates.items()]
-    values = {(tuple(state), tuple(a)): v for (state, actions), vs in zip(asked, action_values(asked), strict=True)
+    values = {(tuple(state), tuple(a)): v for (state, actions), vs in zip(asked, values_of(asked), strict=True)
               for a, v in zip(actions, vs, strict=True)}
     return [[float(a["reward"]) if a["terminal"] else values[tuple(s["state_ids"]), tuple(a["ids"])]
              for a in s["actions"]] for s in states]
-
-
-def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
-    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
-    critic = load_critic(cfg.critic, device)
-    check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
-                                 for s in states])
-    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
-    q = q_values(states, lambda asked: on_all_ranks(values, asked))
-    critic = None  # empty the closure's cell too, so the memory is released before empty_cache
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return q
 
 
 def rollout_q_values(states: list[dict]) -> list[list[float]]:
@@ -182,11 +159,11 @@ def rollout_q_values(states: list[dict]) -> list[list[float]]:
 
 
 # ================================================================== steps 2-3: advantages (eq. 13) and the training set
-def compute_advantages(q_values: torch.Tensor) -> torch.Tensor:
+def compute_advantages(q: torch.Tensor) -> torch.Tensor:
     """Eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), over the last dimension (the M candidates of a
     state, duplicates included, so that the mean is a sample estimate of V(s) under pi_ref). No division by
     the standard deviation: eq. 12 fits log(pi / pi_ref) to A / beta, the scale of A matters."""
-    return q_values - q_values.mean(dim=-1, keepdim=True)  # [..., M]
+    return q - q.mean(dim=-1, keepdim=True)  # [..., M]
 
 
 def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> list[dict]:
@@ -209,10 +186,20 @@ def training_set(states: list[dict], q: list[list[float]], min_gap: float) -> li
     return kept
 
 
-# ============================================================================ step 4: log pi(a|s), each state read once
+# ============================================================================= step 4: log pi(a|s)
+def action_logp(model, state: list[int], action: list[int]) -> float:
+    """log pi(a|s), the plain definition: the SUM of the action's token log-probs, from the model's plain forward
+    of the sequence s . a (the logits at the state's last token and at every action token but the last predict
+    the action's tokens; an empty action has log pi = 0)."""
+    ids = torch.tensor([state + action], device=next(model.parameters()).device)  # [1, L]
+    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, len(state) - 1:-1].float(), -1)  # [|a|, V]
+    return logp.gather(-1, ids[0, len(state):, None]).sum().item()
+
+
 def action_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
-    """log pi(a|s) = SUM of the action's token log-probs, for every action of a batch of states (actions[i]
-    are the candidates of states[i]): [N], the actions in order.
+    """log pi(a|s) of every action of a batch of states (actions[i] are the candidates of states[i]): [N], the
+    actions in order. action_logp's numbers, computed faster (each state read once) and checked equal in
+    tests/test_shared_prefix.py::test_action_logps_are_the_plain_action_logp.
 
     Each state is read once: one row per state holds the state and then all its actions, each action seeing
     the state and itself (plumbing.shared_prefix). In training the gradient of every action flows into the
@@ -229,6 +216,161 @@ def action_logps(model, states: list[list[int]], actions: list[list[list[int]]])
     targets = rows.input_ids[rows.token_row, rows.token_col]  # [T]
     token_logp = torch.log_softmax(predicting.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # [T]
     return torch.zeros(rows.num_actions, device=device).index_add(0, rows.token_action, token_logp)  # [N]
+
+
+# ============================================================== step 5: the DAPO loss (eq. 12) and the actor's training
+def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
+    the actions given. logp, ref_logp: [N] sums of each action's token log-probs. No log Z(s) term (the
+    paper drops it; Theorem 3.2 shows the minimiser still improves on pi_ref), no clipping, no length
+    normalisation."""
+    if not logp.shape == ref_logp.shape == advantages.shape:
+        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, "
+                         f"advantages {tuple(advantages.shape)}")
+    log_ratio = logp - ref_logp  # [N]
+    return 0.5 * ((advantages / beta - log_ratio) ** 2).mean()
+
+
+def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list[int]]:
+    """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
+    batch_actions actions. The same batches for any number of ranks, so the optimizer steps and the
+    learning-rate schedule are too: a rank left with fewer states than the others fills up with dummies."""
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
+    return pack(order, sizes, batch_actions)
+
+
+def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int]) -> dict[str, float]:
+    """The forward and backward passes of one optimizer step, on this rank's share of a global batch of whole
+    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's."""
+    step_actions = sum(sizes[i] for i in batch)
+    micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
+    sums = fit_sums(*[torch.zeros(0, dtype=torch.float64)] * 3)  # the sums over no actions: every rank has every key
+    for j, group in enumerate(micro):
+        # An empty micro-batch (this rank has run out of states) computes on the step's first state and counts
+        # zero: its passes only keep this rank in step with the others' collectives.
+        states = [train[i] for i in group or batch[:1]]
+        advantages = torch.tensor([a for s in states for a in s["advantages"]], device=ddp.device)  # [n]
+        ref_logp = torch.tensor([r for s in states for r in s["ref_logp"]], device=ddp.device)  # [n]
+        sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
+        with autocast(ddp.device):
+            logp = action_logps(actor, [s["state_ids"] for s in states], [s["actions"] for s in states])  # [n]
+        # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks, hence * world.
+        weight = len(advantages) / step_actions * ddp.world_size if group else 0.0
+        (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
+        if group:
+            for k, v in fit_sums(logp.detach().double().cpu() - ref_logp.double().cpu(),
+                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu()).items():
+                sums[k] += v
+    return sums
+
+
+def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float):
+    """Step 5: minimise eq. 12, --epochs passes over the training states in global batches of whole states,
+    AdamW with linear decay and gradient clipping, resumed from the run's checkpoint when there is one.
+    (the actor, the metrics of every optimizer step), or (the actor, None) when --stop_after stopped it."""
+    sizes = [len(s["actions"]) for s in train]
+    schedule = [b for epoch in range(cfg.epochs)
+                for b in global_batches(sizes, cfg.global_batch_actions, cfg.seed + epoch)]
+    total = len(schedule)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
+    actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    meta = training.resume(model, optimizer)
+    start, log = (meta["step"], meta["log"]) if meta else (0, [])
+    if ddp.is_main:
+        note = paper_defaults_note("dapo.py", cfg, total, TOY_FLAGS)
+        if note:
+            print(note)
+        print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
+    bar = progress(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
+    for step in bar:
+        lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
+        set_lr(optimizer, lr)
+        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step])
+        grad_norm = clip_gradients(model, cfg.grad_clip)
+        optimizer.step()
+        if step == start:  # parameters, gradients and AdamW state all exist now
+            shards = held_per_rank(model, optimizer)
+            if ddp.is_main:
+                tqdm.write(shards)
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"step": step + 1, "lr": lr, **fit_metrics({k: all_ranks_sum(v) for k, v in sums.items()}),
+                   "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
+        log.append(metrics)
+        if ddp.is_main:
+            bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}",
+                            moved=f"{metrics['moved']:.2f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
+                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+        if training.after_step(step + 1, total, model, optimizer, {"log": log}):
+            return actor, None
+    bar.close()
+    return actor, log
+
+
+# ================== machinery (a learner may skip: input validation, loading and freeing, DDP/FSDP, metrics, run files)
+def read_states(path: str, completion_rewards: bool = False) -> list[dict]:
+    """states.jsonl of rollout.py, every record checked before anything is computed; completion_rewards: every
+    action must carry the reward of its completion (--q_source rollout)."""
+    states = read_jsonl(path, required=("qid", "state_ids", "actions"))
+    is_ids = lambda x: isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # noqa: E731
+    for s in states:
+        where = f"{path} line {s['_line']}"
+        if not is_ids(s["state_ids"]) or not s["state_ids"]:
+            raise InputError(f"{where}: state_ids must be a non-empty list of token ids")
+        if not isinstance(s["actions"], list) or not s["actions"]:
+            raise InputError(f"{where}: actions must be a non-empty list")
+        for a in s["actions"]:
+            if not isinstance(a, dict) or not is_ids(a.get("ids")) or not isinstance(a.get("terminal"), bool):
+                raise InputError(f"{where}: every action needs ids (a list of token ids) and terminal (true or false)")
+            if a["terminal"] and not isinstance(a.get("reward"), (int, float)):
+                raise InputError(f"{where}: an action that ends the solution needs its reward (a number)")
+            if completion_rewards and not isinstance(a.get("completion_reward"), (int, float)):
+                raise InputError(f"{where}: --q_source rollout needs every action's completion_reward (a number), "
+                                 "which rollout.py writes")
+    return states
+
+
+def read_inputs(cfg: Config) -> tuple[list[dict], object]:
+    """Every input checked before anything is written: the settings, states.jsonl in full, the critic directory,
+    the policy's tokenizer (the states' token ids must be its own) and, with --fsdp, that the policy can be sharded.
+    The states and the tokenizer."""
+    if cfg.beta <= 0:
+        raise InputError(f"--beta must be positive, got {cfg.beta}")
+    path = os.path.join(cfg.rollout_dir, "states.jsonl")
+    if cfg.q_source not in ("critic", "rollout"):
+        raise InputError(f"--q_source must be critic or rollout, got {cfg.q_source}")
+    states = read_states(path, completion_rewards=cfg.q_source == "rollout")
+    if cfg.q_source == "critic" and not os.path.isdir(cfg.critic):
+        raise InputError(f"{cfg.critic}: critic directory does not exist")
+    tok = load_tokenizer(cfg.policy)
+    too_big = max(max(s["state_ids"] + [t for a in s["actions"] for t in a["ids"]]) for s in states)
+    if too_big >= len(tok):
+        raise InputError(f"{path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
+                         f"({len(tok)} tokens): was the rollout made with another policy?")
+    if cfg.fsdp:
+        from transformers import AutoModelForCausalLM
+
+        check_shardable(cfg.policy, AutoModelForCausalLM)
+    return states, tok
+
+
+def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
+    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
+    critic = load_critic(cfg.critic, device)
+    check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
+                                 for s in states])
+    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
+    q = q_values(states, lambda asked: on_all_ranks(values, asked))
+    critic = None  # empty the closure's cell too, so the memory is released before empty_cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return q
 
 
 @torch.no_grad()
@@ -249,25 +391,17 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
     return out
 
 
-# ===================================================== step 5: the DAPO loss (eq. 12), batches of whole states, metrics
-def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
-    the actions given. logp, ref_logp: [N] sums of each action's token log-probs. No log Z(s) term (the
-    paper drops it; Theorem 3.2 shows the minimiser still improves on pi_ref), no clipping, no length
-    normalisation."""
-    if not logp.shape == ref_logp.shape == advantages.shape:
-        raise ValueError(f"shapes differ: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)}, "
-                         f"advantages {tuple(advantages.shape)}")
-    log_ratio = logp - ref_logp  # [N]
-    return 0.5 * ((advantages / beta - log_ratio) ** 2).mean()
-
-
-def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list[int]]:
-    """The states of each optimizer step in one epoch: a shuffled order cut into batches of about
-    batch_actions actions. The same batches for any number of ranks, so the optimizer steps and the
-    learning-rate schedule are too: a rank left with fewer states than the others fills up with dummies."""
-    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(seed)).tolist()
-    return pack(order, sizes, batch_actions)
+def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:
+    """How much of the rollout steps 2-3 kept; an error when nothing is left, a warning when the data teach nothing."""
+    if is_main:
+        print(f"states: {len(train)} of {len(states)} kept (advantage gap >= {cfg.min_gap}) | actions: "
+              f"{sum(len(s['actions']) for s in train)} unique candidates of {sum(len(s['actions']) for s in states)}")
+    if not train:
+        raise InputError(f"{os.path.join(cfg.rollout_dir, 'states.jsonl')}: no state has an advantage gap >= "
+                         f"{cfg.min_gap}: nothing to train on")
+    if is_main:
+        warn_useless_data([s["mc_value"] for s in states if "mc_value" in s],
+                          after=": the advantages only reflect the critic's errors, nothing to learn")
 
 
 def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int, world_size: int) -> list[list[int]]:
@@ -324,114 +458,6 @@ def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions
     return [{"advantages": s["advantages"], "log_ratios": log_ratios[i]} for i, s in enumerate(train)]
 
 
-# ============================================================================= the stage's steps, as main() calls them
-def read_inputs(cfg: Config) -> tuple[list[dict], object]:
-    """Every input checked before anything is written: the settings, states.jsonl in full, the critic directory,
-    the policy's tokenizer (the states' token ids must be its own) and, with --fsdp, that the policy can be sharded.
-    The states and the tokenizer."""
-    if cfg.beta <= 0:
-        raise InputError(f"--beta must be positive, got {cfg.beta}")
-    path = os.path.join(cfg.rollout_dir, "states.jsonl")
-    if cfg.q_source not in ("critic", "rollout"):
-        raise InputError(f"--q_source must be critic or rollout, got {cfg.q_source}")
-    states = read_states(path, completion_rewards=cfg.q_source == "rollout")
-    if cfg.q_source == "critic" and not os.path.isdir(cfg.critic):
-        raise InputError(f"{cfg.critic}: critic directory does not exist")
-    tok = load_tokenizer(cfg.policy)
-    too_big = max(max(s["state_ids"] + [t for a in s["actions"] for t in a["ids"]]) for s in states)
-    if too_big >= len(tok):
-        raise InputError(f"{path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
-                         f"({len(tok)} tokens): was the rollout made with another policy?")
-    if cfg.fsdp:
-        from transformers import AutoModelForCausalLM
-
-        check_shardable(cfg.policy, AutoModelForCausalLM)
-    return states, tok
-
-
-def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:
-    """How much of the rollout steps 2-3 kept; an error when nothing is left, a warning when the data teach nothing."""
-    if is_main:
-        print(f"states: {len(train)} of {len(states)} kept (advantage gap >= {cfg.min_gap}) | actions: "
-              f"{sum(len(s['actions']) for s in train)} unique candidates of {sum(len(s['actions']) for s in states)}")
-    if not train:
-        raise InputError(f"{os.path.join(cfg.rollout_dir, 'states.jsonl')}: no state has an advantage gap >= "
-                         f"{cfg.min_gap}: nothing to train on")
-    if is_main:
-        warn_useless_data([s["mc_value"] for s in states if "mc_value" in s],
-                          after=": the advantages only reflect the critic's errors, nothing to learn")
-
-
-def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int]) -> dict[str, float]:
-    """The forward and backward passes of one optimizer step, on this rank's share of a global batch of whole
-    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's."""
-    step_actions = sum(sizes[i] for i in batch)
-    micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
-    sums = fit_sums(*[torch.zeros(0, dtype=torch.float64)] * 3)  # the sums over no actions: every rank has every key
-    for j, group in enumerate(micro):
-        # An empty micro-batch (this rank has run out of states) computes on the step's first state and counts
-        # zero: its passes only keep this rank in step with the others' collectives.
-        states = [train[i] for i in group or batch[:1]]
-        advantages = torch.tensor([a for s in states for a in s["advantages"]], device=ddp.device)  # [n]
-        ref_logp = torch.tensor([r for s in states for r in s["ref_logp"]], device=ddp.device)  # [n]
-        sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
-        with autocast(ddp.device):
-            logp = action_logps(actor, [s["state_ids"] for s in states], [s["actions"] for s in states])  # [n]
-        # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks, hence * world.
-        weight = len(advantages) / step_actions * ddp.world_size if group else 0.0
-        (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
-        if group:
-            for k, v in fit_sums(logp.detach().double().cpu() - ref_logp.double().cpu(),
-                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu()).items():
-                sums[k] += v
-    return sums
-
-
-def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float):
-    """Step 5: minimise eq. 12, --epochs passes over the training states in global batches of whole states,
-    AdamW with linear decay and gradient clipping, resumed from the run's checkpoint when there is one.
-    (the actor, the metrics of every optimizer step), or (the actor, None) when --stop_after stopped it."""
-    sizes = [len(s["actions"]) for s in train]
-    schedule = [b for epoch in range(cfg.epochs)
-                for b in global_batches(sizes, cfg.global_batch_actions, cfg.seed + epoch)]
-    total = len(schedule)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
-    actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    meta = training.resume(model, optimizer)
-    start, log = (meta["step"], meta["log"]) if meta else (0, [])
-    if ddp.is_main:
-        print(f"{total} optimizer steps of about {cfg.global_batch_actions} actions, {ddp.world_size} rank(s)")
-    bar = progress(range(start, total), desc="DAPO actor", initial=start, total=total, disable=not ddp.is_main)
-    for step in bar:
-        lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
-        set_lr(optimizer, lr)
-        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step])
-        grad_norm = clip_gradients(model, cfg.grad_clip)
-        optimizer.step()
-        if step == start:  # parameters, gradients and AdamW state all exist now
-            shards = held_per_rank(model, optimizer)
-            if ddp.is_main:
-                tqdm.write(shards)
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"step": step + 1, "lr": lr, **fit_metrics({k: all_ranks_sum(v) for k, v in sums.items()}),
-                   "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
-        log.append(metrics)
-        if ddp.is_main:
-            bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}",
-                            moved=f"{metrics['moved']:.2f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                tqdm.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in metrics.items()))
-        if training.after_step(step + 1, total, model, optimizer, {"log": log}):
-            return actor, None
-    bar.close()
-    return actor, log
-
-
 def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dict], log: list[dict], fit: list[dict],
                t0: float) -> None:
     """Step 6: the actor as a Hugging Face model directory (rollout.py and eval.py load it as the next policy) with
@@ -457,11 +483,13 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
 
 
 # ============================================================================= main
+# The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
+    # MACHINERY: settings, DDP, every input checked in full before anything is written, the rerun rule.
     cfg = parse_config(Config)
     ddp = setup_distributed()
     set_seed(cfg.seed)
-    states, tok = read_inputs(cfg)  # in full, before anything is written
+    states, tok = read_inputs(cfg)
     inputs = [os.path.join(cfg.rollout_dir, "states.jsonl"), *([cfg.critic] if cfg.q_source == "critic" else []),
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
@@ -470,8 +498,8 @@ def main() -> None:
         cleanup_distributed()
         return
 
-    # 1-3. Q values, advantages (eq. 13) and the training set, cached in out_dir.work/ with step 4's log pi_ref
-    # (keyed by the inputs: a rerun with another beta or lr reuses them).
+    # ALGORITHM 1-3. Q values, advantages (eq. 13) and the training set. MACHINERY: cached in out_dir.work/ with
+    # step 4's log pi_ref (keyed by the inputs: a rerun with another beta or lr reuses them).
     prepared = training.load_cache(CACHE, key=training.inputs)
     if prepared is None:
         # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
@@ -483,10 +511,11 @@ def main() -> None:
     train = prepared["train"]
     report_training_set(cfg, states, train, ddp.is_main)
 
-    # 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank computes its
-    # share on its own, whole copy, so no rank waits for another): no second model in memory.
+    # ALGORITHM 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank
+    # computes its share on its own, whole copy, so no rank waits for another): no second model in memory.
     model = load_causal_lm(cfg.policy, ddp.device)
-    check_packing(model, action_logps, logp_alone, [(s["state_ids"], s["actions"]) for s in train], "log pi(a|s)")
+    # MACHINERY: a model family whose packed rows differ from action_logp is refused.
+    check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train], "log pi(a|s)")
     if "ref_logp" not in train[0]:
         model.eval()
         ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
@@ -495,20 +524,19 @@ def main() -> None:
             s["ref_logp"] = ref_logp
         training.save_cache(CACHE, prepared)
 
-    # 5. Train the actor on eq. 12.
+    # ALGORITHM 5. Train the actor on eq. 12.
     t0 = time.time()
     actor, log = train_actor(cfg, ddp, training, model, train, t0)
-    if log is None:  # stopped by --stop_after, leaving only the checkpoint
+    if log is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint
         cleanup_distributed()
         return
 
-    # 6. How far the actor got towards eq. 12's target (train_log.jsonl measures each step before its update),
-    # then the actor.
+    # ALGORITHM 6. How far the actor got towards eq. 12's target (train_log.jsonl measures each step before its
+    # update), then the actor. MACHINERY: the run files and the rerun rule.
     fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp)
     save_actor(cfg, ddp, model, tok, states, train, log, fit, t0)
     training.finish()
     cleanup_distributed()
-
 
 if __name__ == "__main__":
     run(main)

@@ -65,6 +65,7 @@ class Config(QuestionConfig, EngineConfig):
 RESUME_IGNORES = ("out_dir", "overwrite")
 
 
+# ============================================================================= accuracy
 def majority_answer(texts: list[str]) -> str | None:
     """maj@k vote: the most frequent normalised final answer, equal answers (grading.answers_match) counted
     together; a tie goes to the answer seen first; None when no response has an answer."""
@@ -128,7 +129,10 @@ def print_table(s: dict) -> None:
     print(f"  {'cut by the token limit':<28} {cut}")
 
 
+# ============================================================================= main
+# The lines under an ALGORITHM comment are the evaluation; those under MACHINERY a learner may skip.
 def main() -> None:
+    # MACHINERY: settings, DDP, the questions checked in full before anything is written, the rerun rule, resume.
     cfg = parse_config(Config)
     if cfg.k < 0 or (cfg.k > 0 and cfg.temperature <= 0):
         raise InputError(f"--k must be >= 0 and --temperature > 0 when sampling (got k={cfg.k}, T={cfg.temperature})")
@@ -159,6 +163,7 @@ def main() -> None:
     if ddp.is_main:
         print(f"{len(questions)} questions, {sum(len(chunks[c]) for c in done)} already done, {ddp.world_size} rank(s)")
 
+    # ALGORITHM 1-2: greedy and k sampled responses per question, graded; one shard line per chunk.
     t0 = time.time()
     gen = dict(eos_ids=eos_token_ids(tok, model), pad_id=tok.pad_token_id, max_new_tokens=cfg.max_new_tokens,
                batch_size=cfg.batch_size, vocab_size=len(tok))
@@ -179,7 +184,8 @@ def main() -> None:
         bar.close()
     barrier()
 
-    if ddp.is_main:  # merge the shards: every question exactly once, in input order
+    # MACHINERY: rank 0 merges the shards (every question exactly once, in input order), then the accuracies.
+    if ddp.is_main:
         by_id = {r["id"]: r for line in read_shards(cfg.out_dir) for r in line["records"]}
         merged = [by_id[q["qid"]] for q in questions]
         write_jsonl_atomic(os.path.join(cfg.out_dir, "responses.jsonl"), merged)

@@ -171,11 +171,11 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
         actions = []
         for c, ok in zip(comps, correct, strict=True):
             first = split_steps(c.ids, is_delim, eos)[0] if c.ids else []
-            # The first step ends the solution when the completion has no other step: it ended with EOS (graded),
-            # or it used up the token limit (wrong), even when its last token is a delimiter: nothing can follow
-            # it, so Q = r = 0 is its exact value, as in the MC label. The M completions of a state share one
-            # limit, so equal first steps of a state always get the same flag and reward.
-            terminal = len(first) == len(c.ids) and c.finish != "step"
+            # The first step ends the solution when the completion has no other step: the completion ended with
+            # EOS (graded) or used up the token limit (wrong; even when its last token is a delimiter, nothing can
+            # follow it, so Q = r = 0 is its exact value, as in the MC label). The M completions of a state share
+            # one limit, so equal first steps of a state always get the same flag and reward.
+            terminal = len(first) == len(c.ids)
             actions.append({"ids": first, "text": decode(first), "terminal": terminal,
                             "reward": float(ok) if terminal else None, "completion_reward": float(ok)})
         value = mc_value(correct)
@@ -202,6 +202,7 @@ def rollout_chunk(model, tok, questions: list[dict], cfg: Config, is_delim: torc
     return out
 
 
+# =================================== machinery (a learner may skip: reading and checking the questions, shards, resume)
 def load_questions(cfg: Config, tok) -> list[dict]:
     if cfg.task not in ("math", "code"):
         raise InputError(f"--task must be math or code, got {cfg.task!r}")
@@ -239,7 +240,11 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     return questions
 
 
+# ============================================================================= main
+# The paper's steps are rollout_chunk's; in main the lines under an ALGORITHM comment are the algorithm, those under
+# MACHINERY a learner may skip.
 def main() -> None:
+    # MACHINERY: settings, DDP, the questions checked in full before anything is written, the rerun rule, resume.
     cfg = parse_config(Config)
     if not 1 <= cfg.n_keep <= cfg.n1:
         raise InputError(f"--n_keep {cfg.n_keep} must be between 1 and --n1 {cfg.n1} (it keeps n of the n1 samples)")
@@ -266,6 +271,7 @@ def main() -> None:
     if ddp.is_main:
         print(f"{len(questions)} questions, {len(done)} already done, {ddp.world_size} rank(s)")
 
+    # ALGORITHM 1-4, a chunk of questions at a time (rollout_chunk), each appended to this rank's shard.
     g = torch.Generator(ddp.device).manual_seed(cfg.seed + 1000 * ddp.rank + len(done))
     t0, tokens = time.time(), 0
     with open(my_shard, "a", encoding="utf-8") as shard:
@@ -280,7 +286,8 @@ def main() -> None:
     elapsed = time.time() - t0
     tokens = all_ranks_sum(tokens)  # this run's tokens on every rank (rank 0 prints)
 
-    if ddp.is_main:  # merge the shards: every question exactly once, in input order
+    # MACHINERY: rank 0 merges the shards (every question exactly once, in input order) and writes the summary.
+    if ddp.is_main:
         by_qid = {r["qid"]: r for r in read_shards(cfg.out_dir)}
         merged = [by_qid[q["qid"]] for q in questions if q["qid"] in by_qid]
         states = [s for r in merged for s in r["states"]]

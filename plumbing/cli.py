@@ -9,11 +9,11 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 
-def arg(default: Any, help: str) -> Any:
+def arg(default: Any, doc: str) -> Any:
     """A config field with its one line of documentation (shown by --help)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": doc})
+    return dataclasses.field(default=default, metadata={"help": doc})
 
 
 def parse_config(cls: type, argv: list[str] | None = None):

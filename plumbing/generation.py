@@ -29,7 +29,7 @@ def _cache_argument(model_class: type) -> str:
 @dataclasses.dataclass
 class Generation:
     ids: list[int]  # generated tokens (the EOS included when one ended the sequence)
-    finish: str  # "eos" | "step" (ended by a delimiter token) | "length" (cut by the limit)
+    finish: str  # "eos" | "length" (cut by the limit)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -129,12 +129,11 @@ def preallocate(cache, capacity: int):
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int, max_new_tokens: int | list[int],
-             temperature: float = 1.0, top_p: float = 1.0, stop_at: torch.Tensor | None = None,
-             batch_size: int = 64, generator: torch.Generator | None = None, desc: str | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+             generator: torch.Generator | None = None, desc: str | None = None,
              vocab_size: int | None = None) -> list[Generation]:
-    """Continue every prompt (token ids) until any of eos_ids (plumbing.models.eos_token_ids), the token limit
-    or, when stop_at ([V] bool) is given, the first token it marks (one-step generation). Batched with the KV
-    cache; prompts are left padded.
+    """Continue every prompt (token ids) until any of eos_ids (plumbing.models.eos_token_ids) or the token limit.
+    Batched with the KV cache; prompts are left padded.
     max_new_tokens is one limit for all, or one per prompt. vocab_size (the tokenizer's len) bounds the ids
     generated: a model's embedding matrix may have more rows than the tokenizer has tokens (Qwen2.5: 151,936
     rows, 151,665 tokens), and an id without a token cannot be decoded or split into steps.
@@ -151,9 +150,8 @@ def generate(model, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
     budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     results: list[Generation | None] = [None] * len(prompts)
-    stop_at = stop_at.to(device) if stop_at is not None else None
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)  # [E]
-    reasons = ["length", "eos", "step"]  # finish codes 0, 1, 2
+    reasons = ["length", "eos"]  # finish codes 0, 1
     for start in progress(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = order[start: start + batch_size]
         width, steps = max(len(prompts[i]) for i in batch), max(0, *(budget[i] for i in batch))
@@ -198,10 +196,9 @@ def generate(model, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
             token = torch.where(done, pad_id, token)  # finished rows still in the batch add nothing
             out[rows, t] = token
             ended_eos = ~done & torch.isin(token, eos)  # [b]
-            ended_step = ~done & ~ended_eos & (stop_at[token] if stop_at is not None else False)  # [b]
-            ended = ended_eos | ended_step | (~done & (t + 1 >= limit))  # [b] the limit ends a row as "length"
+            ended = ended_eos | (~done & (t + 1 >= limit))  # [b] the limit ends a row as "length"
             length[rows] = torch.where(ended, t + 1, length[rows])
-            finish[rows] = torch.where(ended, ended_eos.long() + 2 * ended_step.long(), finish[rows])
+            finish[rows] = torch.where(ended, ended_eos.long(), finish[rows])
             done |= ended
             finished = int(done.sum())  # the one host sync of a step
             if finished == len(done):

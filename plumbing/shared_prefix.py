@@ -134,13 +134,6 @@ UNPACKABLE = ("layers that ignore the attention mask (linear attention, convolut
               "models) or positions that are not position ids (ALiBi)")
 
 
-def logp_alone(model, state: list[int], action: list[int]) -> float:
-    """log pi(a|s) from the sequence s . a on its own, the model's plain forward: what a packed row must equal."""
-    ids = torch.tensor([state + action], device=next(model.parameters()).device)  # [1, L]
-    logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, len(state) - 1:-1].float(), -1)  # [|a|, V]
-    return logp.gather(-1, ids[0, len(state):, None]).sum().item()
-
-
 def checked_rows(asked: list[tuple[list[int], list[list[int]]]], per_state: int = 4) -> list[tuple]:
     """A few real (state, actions) of a run that make every way of going wrong show: the two that reach the
     furthest position (a window), and the shortest (left padding beside them); each with its longest

@@ -23,6 +23,20 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+FEW_STEPS = 20  # fewer optimizer steps than this, at the paper's learning rates, move a model too little to see
+
+
+def paper_defaults_note(script: str, cfg, steps: int, toy_flags: str) -> str | None:
+    """One line for a run of fewer than FEW_STEPS optimizer steps at the default learning rate (the defaults are
+    the paper's settings for 7-8B models): run by hand on the toy, it would otherwise learn nothing visible and
+    say nothing. The line names the flags the toy takes (demo.sh's); None otherwise."""
+    default_lr = next(f.default for f in dataclasses.fields(cfg) if f.name == "lr")
+    if steps >= FEW_STEPS or cfg.lr != default_lr:
+        return None
+    return (f"{script}: {steps} optimizer step{'' if steps == 1 else 's'} at lr {cfg.lr:g}: the defaults are the "
+            f"paper's 7-8B settings; the toy takes {toy_flags} (demo.sh)")
+
+
 @dataclasses.dataclass
 class TrainingRun:
     """The files of one training run and the rules both trainers follow (docs/pipeline.md, "Reruns and resume").

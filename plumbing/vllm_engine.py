@@ -121,21 +121,20 @@ def generate(model, prompts: list[list[int]], **kwargs) -> list[Generation]:
 
 
 def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_ids: set[int], pad_id: int,
-                  max_new_tokens: int | list[int], temperature: float = 1.0, top_p: float = 1.0,
-                  stop_at: torch.Tensor | None = None, batch_size: int = 64, generator: torch.Generator | None = None,
-                  desc: str | None = None, vocab_size: int | None = None) -> list[Generation]:
+                  max_new_tokens: int | list[int], temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+                  generator: torch.Generator | None = None, desc: str | None = None,
+                  vocab_size: int | None = None) -> list[Generation]:
     """generation.generate's rules on vLLM. Prompts go in as token ids (never re-tokenised text); each gets its
     own token budget (0 or less: nothing generated, finish "length"); every EOS id ends a sequence ("eos", the
-    EOS kept), so does, when stop_at ([V] bool) is given, the first token it marks ("step"); ids from vocab_size
-    (the tokenizer's len) up to the model's vocabulary are never sampled. Sampling is seeded per request from
-    `generator`, so what is drawn for a prompt depends on the generator alone, not on how vLLM batches it.
+    EOS kept); ids from vocab_size (the tokenizer's len) up to the model's vocabulary are never sampled. Sampling
+    is seeded per request from `generator`, so what is drawn for a prompt depends on the generator alone, not on
+    how vLLM batches it.
     pad_id and batch_size are the HF engine's: vLLM schedules its own batches by the room in its KV cache."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     eos = set(eos_ids)
-    stops = sorted(eos | set(stop_at.nonzero().squeeze(1).tolist() if stop_at is not None else ()))
     vocab = vocab_size or engine.logits_width
     # Rows of the embedding matrix without a token (Qwen2.5: 151,936 rows, 151,665 tokens) get -inf logits.
     outside = {i: float("-inf") for i in range(vocab, engine.logits_width)} or None
@@ -149,7 +148,7 @@ def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_ids: set[
              if sampled else [None] * len(todo))
     params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=budget[i],
                              seed=seed, ignore_eos=True,  # EOS is one of the stop ids, like any other EOS id
-                             stop_token_ids=stops, logit_bias=outside, detokenize=False)
+                             stop_token_ids=sorted(eos), logit_bias=outside, detokenize=False)
               for i, seed in zip(todo, seeds)]
     # progress() draws no bar off a terminal; vLLM's own bar must then be off too (a disabled one divides by zero).
     bar = (lambda *a, **kw: progress(*a, **{**kw, "desc": desc, "leave": False})) if desc and sys.stderr.isatty() else False  # noqa: E731,E501
@@ -160,5 +159,5 @@ def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_ids: set[
         if any(t >= vocab for t in ids):  # the logit bias makes this impossible; a vLLM that ignored it is caught
             raise RuntimeError(f"vLLM sampled an id outside the tokenizer's {vocab}: {max(ids)}")
         stopped = out.outputs[0].finish_reason == "stop"
-        results[i] = Generation(ids, ("eos" if ids[-1] in eos else "step") if stopped else "length")
+        results[i] = Generation(ids, "eos" if stopped else "length")
     return results

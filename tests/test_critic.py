@@ -11,8 +11,9 @@ import torch
 
 import critic as C
 from plumbing.checkpoints import training_meta
-from plumbing.cli import InputError
+from plumbing.cli import InputError, parse_config
 from plumbing.models import load_tokenizer
+from plumbing.trainer import paper_defaults_note
 from conftest import assert_sharded_in_two, run_script
 
 # 4 steps (2 per epoch) of 8 solutions in micro-batches of 2: 4 micro-steps in one process, 2 per rank in two.
@@ -362,3 +363,21 @@ def test_training_forward_is_the_queried_critic_with_dropout_in_the_config(tmp_p
     with torch.no_grad():
         noisy = warm.train()(ids, mask)[:, [3, 7, 11]]  # [6, 3]
     assert (noisy - torch.tensor(values)).abs().max() > 1e-3
+
+
+def test_a_few_steps_at_the_paper_lr_name_the_toy_flags_in_one_line(toy_dir, toy_rollout, tmp_path):
+    """The defaults are the paper's 7-8B settings: on the toy they are refused (fewer solutions than a batch of 512)
+    or take a few steps that teach nothing visible, and the run says which flags the toy takes; with those, silence."""
+    args = ["critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft")]
+    proc = run_script(*args, "--out_dir", str(tmp_path / "defaults"), check=False)
+    assert proc.returncode == 2 and f"the toy takes {C.TOY_FLAGS} (demo.sh)" in proc.stderr, proc.stderr
+    proc = run_script(*args, "--out_dir", str(tmp_path / "few"), "--batch_size", "8", "--micro_batch_size", "8")
+    notes = [line for line in proc.stdout.splitlines() if "the defaults are the paper's 7-8B settings" in line]
+    assert len(notes) == 1 and re.fullmatch(r"critic\.py: \d optimizer steps? at lr 5e-06: the defaults are the "
+                                            r"paper's 7-8B settings; the toy takes (.*) \(demo\.sh\)",
+                                            notes[0]).group(1) == C.TOY_FLAGS, notes
+    toy = parse_config(C.Config, C.TOY_FLAGS.split())
+    assert paper_defaults_note("critic.py", toy, 1, C.TOY_FLAGS) is None
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo.sh")) as f:
+        assert f'CRITIC="{C.TOY_FLAGS}"' in f.read()  # the flags named are the demo's
+

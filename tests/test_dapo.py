@@ -15,8 +15,9 @@ import torch
 import critic as critic_lib
 import dapo
 from plumbing.checkpoints import training_meta
-from plumbing.cli import InputError
+from plumbing.cli import InputError, parse_config
 from plumbing.models import load_causal_lm, load_tokenizer
+from plumbing.trainer import paper_defaults_note
 from conftest import assert_sharded_in_two, run_script
 from plumbing.generation import generate
 
@@ -489,3 +490,18 @@ def test_first_step_starts_at_pi_ref_with_dropout_in_the_config(family, checkpoi
     first, second = read_log(tmp_path / "actor")
     assert first["abs_log_ratio"] < 1e-5  # measured before the first update: pi = pi_ref
     assert second["abs_log_ratio"] > 1e-3  # the update moved it
+
+
+def test_a_few_steps_at_the_paper_lr_name_the_toy_flags_in_one_line(toy_dir, toy_rollout, toy_critic, tmp_path):
+    """The defaults are the paper's 7-8B settings (2048 actions per step, lr 5e-7): on the toy one step that teaches
+    nothing visible, and the run says which flags the toy takes; with those flags, silence."""
+    proc = run_script("dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(toy_critic), "--rollout_dir",
+                      str(toy_rollout), "--out_dir", str(tmp_path / "actor"), env=ONE_THREAD)
+    notes = [line for line in proc.stdout.splitlines() if "the defaults are the paper's 7-8B settings" in line]
+    assert notes == [f"dapo.py: 1 optimizer step at lr 5e-07: the defaults are the paper's 7-8B settings; the toy "
+                     f"takes {dapo.TOY_FLAGS} (demo.sh)"], proc.stdout
+    toy = parse_config(dapo.Config, dapo.TOY_FLAGS.split())
+    assert paper_defaults_note("dapo.py", toy, 1, dapo.TOY_FLAGS) is None
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo.sh")) as f:
+        assert f'DAPO="{dapo.TOY_FLAGS}"' in f.read()  # the flags named are the demo's
+

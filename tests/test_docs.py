@@ -40,3 +40,12 @@ def test_the_sections_the_code_points_to_exist():
     named = {p.split('"')[1] for p in pointers if p}
     assert named and named <= set(SECTIONS)
     assert subprocess.run(["git", "grep", "-q", "ALGORITHM" + ".md"], cwd=ROOT).returncode == 1  # a file users lack
+
+
+def test_every_test_the_code_cites_exists():
+    """A packed computation says which test holds it equal to its plain definition: that test exists."""
+    cited = subprocess.run(["git", "grep", "-h", "-o", r"tests/[a-z_]*\.py::[a-z_0-9]*", "--", "*.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()
+    assert len(cited) >= 3  # dapo.q_values, dapo.action_logps, critic.action_values
+    for test_file, test in (c.split("::") for c in cited):
+        assert f"def {test}(" in open(os.path.join(ROOT, test_file), encoding="utf-8").read(), test

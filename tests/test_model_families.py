@@ -15,7 +15,7 @@ import critic as C
 import dapo
 from conftest import run_script
 from plumbing.cli import InputError
-from plumbing.shared_prefix import check_packing, checked_rows, logp_alone, shared_prefix_rows
+from plumbing.shared_prefix import check_packing, checked_rows, shared_prefix_rows
 
 VOCAB = 64
 WINDOW = 4  # every row below is longer than this
@@ -71,7 +71,7 @@ def flat(nested) -> list:
 
 
 def logps_alone(model, states, actions) -> torch.Tensor:
-    return torch.tensor([logp_alone(model, s, a) for s, acts in zip(states, actions) for a in acts])  # [N]
+    return torch.tensor([dapo.action_logp(model, s, a) for s, acts in zip(states, actions) for a in acts])  # [N]
 
 
 def values_alone(model, states, actions) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_logps_and_values_equal_each_pair_alone(family):
     assert alone.std() > 0.1 and alone_v.std() > 1e-2  # distinct numbers, so equality means something
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared_v, alone_v, rtol=1e-5, atol=1e-6)
-    check_packing(model, dapo.action_logps, logp_alone, list(zip(states, actions)), "log pi(a|s)")  # passes
+    check_packing(model, dapo.action_logps, dapo.action_logp, list(zip(states, actions)), "log pi(a|s)")  # passes
     C.check_action_values(value_model, list(zip(states, actions)))
 
 
@@ -149,7 +149,7 @@ def test_families_that_cannot_be_packed_are_refused_with_one_line(family):
     states, actions = random_states()
     asked = list(zip(states, actions))
     with pytest.raises(InputError, match=REFUSED[family]) as e:
-        check_packing(policy(family), dapo.action_logps, logp_alone, asked, "log pi(a|s)")
+        check_packing(policy(family), dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)")
     assert f"model family {family}" in str(e.value) and "docs/pipeline.md" in str(e.value)
     with pytest.raises(InputError, match=REFUSED[family]):
         C.check_action_values(critic(family), asked)
@@ -161,7 +161,7 @@ def test_a_mask_the_model_does_not_honour_is_caught_by_the_numbers(monkeypatch):
     monkeypatch.setattr("plumbing.shared_prefix.SharedPrefixRows.within_window", lambda self, window: self.allowed)
     states, actions = random_states()
     with pytest.raises(InputError, match=r"model family mistral .*log pi\(a\|s\) up to [\d.e-]+ away from each"):
-        check_packing(policy("mistral"), dapo.action_logps, logp_alone, list(zip(states, actions)), "log pi(a|s)")
+        check_packing(policy("mistral"), dapo.action_logps, dapo.action_logp, list(zip(states, actions)), "log pi(a|s)")
     with pytest.raises(InputError, match="the critic's V"):
         C.check_action_values(critic("mistral"), list(zip(states, actions)))
 

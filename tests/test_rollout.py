@@ -286,15 +286,11 @@ def test_mc_value():
 # ============================================================================= generate()
 def test_generate_finish_reasons_and_order():
     model = ScriptedLM(DETERMINISTIC)
-    tok = word_tokenizer(PIECES)
     prompts = [[Q], [Q, GOOD], [Q, GOOD, RIGHT], [Q, Q]]
     kw = dict(eos_ids={EOS}, pad_id=PAD, temperature=0.0, batch_size=2)  # batches of mixed prompt lengths
     full = generate(model, prompts, max_new_tokens=10, **kw)
     assert [(r.ids, r.finish) for r in full] == [
         ([GOOD, RIGHT, EOS], "eos"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD, RIGHT, EOS], "eos")]
-    step = generate(model, prompts, max_new_tokens=10, stop_at=delimiter_token_mask(tok, "\n"), **kw)
-    assert [(r.ids, r.finish) for r in step] == [
-        ([GOOD], "step"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD], "step")]
     cut = generate(model, prompts, max_new_tokens=2, **kw)
     assert [(r.ids, r.finish) for r in cut] == [
         ([GOOD, RIGHT], "length"), ([RIGHT, EOS], "eos"), ([EOS], "eos"), ([GOOD, RIGHT], "length")]
@@ -416,13 +412,6 @@ def test_left_padded_batch_matches_one_at_a_time(toy_policy):
     # pad = EOS (models without a pad token) gives the same output
     assert [r.ids for r in generate(model, prompts, batch_size=len(prompts),
                                     **{**kw, "pad_id": tok.eos_token_id})] == reference
-    # One-step generation stops at the first delimiter token: the first step of the full greedy solution.
-    is_delim = delimiter_token_mask(tok, "\n")
-    steps = generate(model, prompts, batch_size=len(prompts), stop_at=is_delim, **kw)
-    for r, full, whole in zip(steps, reference, batched):
-        assert r.ids == split_steps(full, is_delim, {tok.eos_token_id})[0]
-        assert r.finish == ("step" if is_delim[r.ids[-1]] else whole.finish)
-    assert any(r.finish == "step" for r in steps)
     cut = generate(model, prompts, batch_size=len(prompts), **{**kw, "max_new_tokens": 3})
     for r, full in zip(cut, reference):
         assert r.ids == full[:3] and r.finish == ("length" if len(full) > 3 or full[-1] != tok.eos_token_id else "eos")
@@ -474,10 +463,8 @@ def test_generate_never_samples_ids_outside_the_tokenizer():
     unbounded = generate(model, prompts, temperature=0.0, **kw)
     assert all(t >= len(tok) for r in unbounded for t in r.ids)  # the model alone would emit only those
     for temperature, top_p in [(0.0, 1.0), (1.0, 1.0), (1.0, 0.9)]:
-        for stop_at in (None, delimiter_token_mask(tok, "\n")):
-            out = generate(model, prompts, temperature=temperature, top_p=top_p, stop_at=stop_at,
-                           vocab_size=len(tok), **kw)
-            assert all(0 <= t < len(tok) for r in out for t in r.ids) and any(r.ids for r in out)
+        out = generate(model, prompts, temperature=temperature, top_p=top_p, vocab_size=len(tok), **kw)
+        assert all(0 <= t < len(tok) for r in out for t in r.ids) and any(r.ids for r in out)
     # rollout.py passes the tokenizer's size: its steps split without an IndexError.
     cfg = Config(n1=2, n_keep=2, M=2, max_new_tokens=4, batch_size=8)
     question = {"qid": "q0", "question": "Q", "answer": "1", "prompt_ids": [Q]}

@@ -132,6 +132,44 @@ def test_critic_values_equal_each_pair_alone(attn):
     torch.testing.assert_close(flat(shared), flat(alone), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_action_logps_are_the_plain_action_logp(attn):
+    """dapo.action_logps (one row per state) gives the numbers of the plain definition dapo.action_logp (the
+    sequence s . a alone), a duplicate candidate and an empty action (log pi = 0) among them."""
+    states, actions = random_states(seed=4)
+    actions[1].append(list(actions[1][0]))  # drawn twice
+    actions[2].append([])
+    model = tiny_policy(attn).eval()
+    with torch.no_grad():
+        packed = dapo.action_logps(model, states, actions)  # [N]
+        plain = torch.tensor([dapo.action_logp(model, s, a) for s, acts in zip(states, actions) for a in acts])  # [N]
+    assert len(set(plain.tolist())) == len(plain) - 1  # distinct but for the duplicate: equality means something
+    assert plain[sum(map(len, actions[:3])) - 1] == 0  # the empty action
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_q_values_are_the_plain_q_value(attn):
+    """dapo.q_values with critic.action_values (each state read once) gives the numbers of the plain definition
+    dapo.q_value (r for a terminal action, else the critic on s . a alone): with a duplicate candidate, an empty
+    action (V(s)), terminal actions, and a state asked twice (another record of the same state)."""
+    states, actions = random_states(seed=5)
+    records = [{"state_ids": s, "actions": [{"ids": a, "terminal": False, "reward": None} for a in acts]}
+               for s, acts in zip(states, actions)]
+    records[1]["actions"].append(dict(records[1]["actions"][0]))  # drawn twice
+    records[2]["actions"].append({"ids": [], "terminal": False, "reward": None})
+    records[3]["actions"].append({"ids": [7, 8], "terminal": True, "reward": 1.0})
+    records[4]["actions"][0].update(terminal=True, reward=0.0)
+    records.append({"state_ids": states[2], "actions": [{"ids": [9], "terminal": False, "reward": None}]})
+    critic = tiny_critic(attn)
+    packed = dapo.q_values(records, lambda asked: C.action_values(critic, asked, batch_actions=4))
+    with torch.no_grad():
+        plain = [[dapo.q_value(critic, r["state_ids"], a["ids"], a["terminal"], a["reward"]) for a in r["actions"]]
+                 for r in records]
+    assert flat(plain).std() > 1e-3 and plain[3][-1] == 1.0 and plain[4][0] == 0.0
+    torch.testing.assert_close(flat(packed), flat(plain), rtol=1e-5, atol=0)
+
+
 def test_bf16_autocast_stays_close_to_pairs():
     states, actions = random_states(seed=4)
     model = tiny_policy("sdpa").eval()
