@@ -13,15 +13,10 @@ Training, one pass per solution:
   3. Causal attention means the hidden state at position step_ends[t] - 1 of the whole solution is the
      hidden state of s_t on its own: ONE forward pass gives V(s_0), ..., V(s_{T-1}).
   4. Loss against the MC label: MSE (arXiv version, the default) or soft-label binary cross-entropy
-     (NeurIPS version: no vanishing gradient when V saturates), weighted so that every distinct state counts
-     once in the data: s_0 is in all n kept solutions of a question and a shared prefix in several, so each
-     state's term is weighted by 1 / (the number of its question's solutions that contain it), and a distinct
-     state's weights add up to 1. A step's loss is the weighted mean over its batch (the weighted sum divided
-     by that batch's own total weight): exactly the mean over distinct states when one batch holds every
-     solution; with several batches a state's share of an epoch also depends on the total weight of the
-     batches its solutions fall in, which differs from batch to batch. Dropout is off (the critic learns the
-     function it is queried as, in eval mode). AdamW, warm-up then linear decay, gradient clipping, gradient
-     accumulation, bf16 autocast on CUDA.
+     (NeurIPS version), each state's term weighted by 1 / (the solutions of its question that contain it), so
+     every distinct state counts once (state_weights; why and what a batch's mean is: docs/algorithm.md, "The
+     critic"). Dropout off, AdamW, warm-up then linear decay, gradient clipping and accumulation, bf16
+     autocast on CUDA.
   5. Held-out MSE, Pearson r and a calibration table (predicted V in bins vs. mean MC label), printed and
      written to out_dir/metrics.json; the critic is saved as one directory that `load_critic` reads back.
 

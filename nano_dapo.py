@@ -46,13 +46,13 @@ class Config:
     n_keep: int = 4  # solutions kept per question, correct and wrong balanced (paper: 6)
     M: int = 16  # completions per state: its MC label and its candidate actions (paper: 16)
     max_new_tokens: int = 40  # token limit of a whole solution; a solution cut by it is wrong
-    critic_lr: float = 1e-3  # (paper, 7B: 5e-6)
-    critic_epochs: int = 8
+    critic_lr: float = 3e-4  # (paper, 7B: 5e-6)
+    critic_epochs: int = 8  # (paper: 1)
     critic_batch: int = 16  # states per critic step
     beta: float = 0.3  # log(pi / pi_ref) is fitted to A / beta (paper: 0.01 or 0.02 for 7B models)
     min_gap: float = 0.1  # keep a state when max A - min A over its candidates is at least this (paper: 0.1)
     actor_lr: float = 1e-4  # (paper, 7B: 5e-7)
-    actor_epochs: int = 4
+    actor_epochs: int = 8  # (paper: 1)
     actor_batch: int = 64  # actions per actor step, whole states only (paper: 2048)
     seed: int = 0
 
