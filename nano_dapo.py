@@ -196,7 +196,7 @@ def train_critic(critic: Critic, states: list[dict], cfg: Config) -> float:
         for b in range(batches):
             batch = [states[i] for i in order[b * cfg.critic_batch:][: cfg.critic_batch]]
             labels = torch.tensor([s["mc_value"] for s in batch])  # [B]
-            loss = critic_loss(critic([s["state_ids"] for s in batch]), labels)
+            loss = critic_loss(critic([s["state_ids"] for s in batch]), labels)  # []
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
@@ -210,14 +210,14 @@ def train_critic(critic: Critic, states: list[dict], cfg: Config) -> float:
 # ============================================================================ stage B: advantages
 @torch.no_grad()
 def q_value(critic: Critic, state: list[int], actions: list[dict]) -> torch.Tensor:
-    """Q(s, a_i) of each candidate of a state: the reward r(s, a_i) when a_i ends the solution (nothing follows
+    """Step 5, Q(s, a_i) of each candidate of a state: the reward r(s, a_i) when a_i ends the solution (nothing follows
     it: Q = r + 0), else V_phi(s . a_i) (no reward until the end: Q = 0 + V). [M]."""
     values = critic([state + a["ids"] for a in actions]).tolist()  # [M]
     return torch.tensor([a["reward"] if a["terminal"] else v for a, v in zip(actions, values)])  # [M]
 
 
 def compute_advantages(q: torch.Tensor) -> torch.Tensor:
-    """Eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), all M candidates, duplicates included (their mean
+    """Step 5, eq. 13: A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), all M candidates, duplicates included (their mean
     estimates V(s) under pi_ref). No division by a standard deviation: eq. 12 needs the scale of A."""
     return q - q.mean(dim=-1, keepdim=True)  # [..., M]
 
@@ -285,7 +285,7 @@ def train_actor(policy, train: list[dict], cfg: Config) -> float:
         states = [train[i] for i in batch]
         advantages = torch.tensor([a for s in states for a in s["advantages"]])  # [N]
         ref_logp = torch.tensor([r for s in states for r in s["ref_logp"]])  # [N]
-        loss = dapo_loss(action_logp(policy, *pairs(states)), ref_logp, advantages, cfg.beta)
+        loss = dapo_loss(action_logp(policy, *pairs(states)), ref_logp, advantages, cfg.beta)  # []
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
