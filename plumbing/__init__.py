@@ -1,7 +1,7 @@
 """The machinery a learner may skip: the stage scripts at the top (rollout.py, critic.py, dapo.py, eval.py) and
 grading.py read as the algorithm; what they need to run at scale lives here, one module per concern.
 
-    cli            config dataclass -> command line, InputError -> one line + exit 2, progress bars
+    cli            config dataclass (+ --config file) -> command line, InputError -> one line + exit 2, progress bars
     distributed    DDP and FSDP2: process group, sharding, gradient sync, clipping
     runfiles       JSONL reading and shards, atomic writes, the rerun rule, input fingerprints
     models         tokenizers, causal LMs, GGUF files, chat prompts, autocast

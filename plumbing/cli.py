@@ -1,4 +1,5 @@
-"""Command-line plumbing: a config dataclass becomes the CLI, bad input becomes one line and exit 2, progress bars."""
+"""Command-line plumbing: a config dataclass (and a config file) becomes the CLI, bad input becomes one line and exit 2,
+progress bars."""
 from __future__ import annotations
 
 import argparse
@@ -17,29 +18,57 @@ def arg(default: Any, doc: str) -> Any:
 
 
 def parse_config(cls: type, argv: list[str] | None = None):
-    """Build an argparse CLI from a config dataclass: every field becomes --name."""
+    """The CLI of a config dataclass (transformers' HfArgumentParser: every field is --name, help from its doc),
+    plus --config FILE.yaml (or .json): the file's settings first, the flags given beside it override them."""
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     doc = sys.modules[cls.__module__].__doc__ or ""
     description = " ".join(doc.strip().split("\n\n")[0].split()).replace("%", "%%")  # its first paragraph, whole
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # annotations are strings
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse formats %
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, help=help_text, metavar="BOOL")
-        elif default is None:
-            parser.add_argument(f"--{f.name}", type=str, default=None, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+    parser = HfArgumentParser(cls, allow_abbrev=False, description=description)
+    parser.add_argument("--config", default=None, help="a YAML or JSON file of these settings (configs/ holds the "
+                        "toy's, the README's and the paper's); flags given beside it override it")
+    for action in parser._actions:  # argparse formats a help text with %: the docs' percentages must stay literal
+        action.help = action.help.replace("%", "%%") if action.help and "%%" not in action.help else action.help
+    config_file = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    config_file.add_argument("--config", default=None)
+    path = config_file.parse_known_args(argv)[0].config
+    if path is not None:
+        parser.set_defaults(**read_config_file(path, parser))
+    settings = vars(parser.parse_args(argv))
+    settings.pop("config")
+    return cls(**settings)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """A config file's settings, each checked as its flag would be: an unknown key or a bad value is one line."""
+    import yaml  # a dependency of transformers
+
+    try:
+        with open(path) as f:
+            settings = yaml.safe_load(f)  # JSON is YAML too
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: a config file holds settings, name: value, one a line")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    checked = {}
+    for key, value in settings.items():
+        if key not in actions:
+            raise InputError(f"{path}: unknown setting {key!r} (python SCRIPT --help lists the settings)")
+        if value is None or actions[key].type is None:
+            checked[key] = value
+            continue
+        try:  # as the flag would read it: YAML reads 1e-4 as a string, true as a bool
+            checked[key] = actions[key].type(str(value).lower() if isinstance(value, bool) else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            kind = getattr(actions[key].type, "__name__", "value")
+            raise InputError(f"{path}: {key}: {value!r} is not a valid {kind} ({e})") from None
+    return checked
 
 
 class InputError(Exception):
