@@ -46,7 +46,8 @@ from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_poli
 @dataclasses.dataclass
 class Config(QuestionConfig, EngineConfig):
     model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
-    data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers")
+    data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers, or (needs datasets) a "
+                                           "hub data set name, a .parquet file or a save_to_disk directory")
     out_dir: str = arg("runs/toy/base/eval", "where responses.jsonl and summary.json go")
     max_new_tokens: int = arg(2048, "token limit of a response (paper: 2048); a response cut by it is wrong")
     k: int = arg(4, "sampled responses per question for sampled accuracy, pass@k and maj@k (0: greedy only)")

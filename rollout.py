@@ -31,7 +31,7 @@ import torch
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import all_ranks_sum, barrier, cleanup_distributed, setup_distributed
 from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, eos_token_ids, load_tokenizer
-from plumbing.runfiles import (append_jsonl, check_rerun, read_jsonl, read_shard, read_shards, warn_useless_data,
+from plumbing.runfiles import (append_jsonl, check_rerun, read_table, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
 from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
@@ -49,12 +49,15 @@ class QuestionConfig:
     instruction: str = arg(DEFAULT_INSTRUCTION, "zero-shot chain-of-thought instruction added to each question")
     max_questions: int = arg(0, "use only the first N questions (0: all)")
     max_prompt_tokens: int = arg(0, "skip (never truncate) a question whose prompt is longer than this (0: no limit)")
+    data_config: str = arg("", "--data as a hub data set: its configuration ('main' for openai/gsm8k)")
+    data_split: str = arg("", "--data as a hub data set: its split (train, test; empty: its only one)")
 
 
 @dataclasses.dataclass
 class Config(QuestionConfig, EngineConfig):
     model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
-    data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers")
+    data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers, or (needs datasets) a hub "
+                                            "data set name, a .parquet file or a save_to_disk directory")
     out_dir: str = arg("runs/toy/iter1/rollout", "where states.jsonl, solutions.jsonl and summary.json go")
     n1: int = arg(32, "generator samples per question (paper: 32)")
     n_keep: int = arg(6, "n: solutions kept per question, correct and wrong balanced (paper: 6)")
@@ -209,8 +212,8 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     check_grader(cfg.grader)
     code = cfg.task == "code"
     flags = {cfg.question_field: "--question_field", cfg.answer_field: "--answer_field"}
-    rows = read_jsonl(cfg.data, required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field),
-                      flags=flags)
+    rows = read_table(cfg.data, cfg.data_config, cfg.data_split, flags=flags,
+                      required=(cfg.question_field,) if code else (cfg.question_field, cfg.answer_field))
     # The default instruction asks for \boxed{}: code gets its own unless one is given.
     instruction = CODE_INSTRUCTION if code and cfg.instruction == DEFAULT_INSTRUCTION else cfg.instruction
     if cfg.max_questions:

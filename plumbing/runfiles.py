@@ -1,4 +1,5 @@
-"""Run files: validated JSONL reading, crash-safe shards, atomic writes, the rerun rule and input fingerprints."""
+"""Run files: validated JSONL reading (and hub data sets), crash-safe shards, atomic writes, the rerun rule and input
+fingerprints."""
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +44,47 @@ def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = Fals
     if not records and not allow_empty:
         raise InputError(f"{path}: the file is empty")
     return records
+
+
+def read_table(path: str, config: str = "", split: str = "", required: Iterable[str] = (),
+               flags: dict[str, str] | None = None) -> list[dict]:
+    """Questions from a JSONL file (read_jsonl, needs nothing: a path ending in .jsonl, or any file but a .parquet
+    or .csv) or, through the optional package datasets, from a hub data set name (with its config and split), a
+    .parquet or .csv file or a save_to_disk directory. Rows are records as read_jsonl's, `_line` their row number."""
+    local_format = {".parquet": "parquet", ".csv": "csv"}.get(os.path.splitext(path)[1])
+    if path.endswith(".jsonl") or (os.path.isfile(path) and not local_format):
+        return read_jsonl(path, required, flags=flags)
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{path}: not a JSONL file, so read as a hub data set, which needs the package datasets: "
+                         "pip install datasets (or -r requirements-optional.txt)") from None
+    try:
+        if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                       ("dataset_info.json", "dataset_dict.json", "state.json")):
+            table = datasets.load_from_disk(path)  # a save_to_disk directory: a Dataset or a DatasetDict
+        elif local_format and os.path.isfile(path):
+            table = datasets.load_dataset(local_format, data_files=path)
+        else:
+            table = datasets.load_dataset(path, config or None, split=split or None)  # a hub name
+    except Exception as e:  # the hub's errors are many: not found, gated, offline, a bad config
+        raise InputError(f"{path}: cannot load it as a data set ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'})") from None
+    if isinstance(table, datasets.DatasetDict):
+        splits = list(table)
+        if not split and len(splits) > 1:
+            raise InputError(f"{path}: the data set has splits {', '.join(splits)}: choose one with --data_split")
+        if split and split not in table:
+            raise InputError(f"{path}: no split {split!r} (--data_split); it has {', '.join(splits)}")
+        table = table[split or splits[0]]
+    missing = [k for k in required if k not in table.column_names]
+    if missing:
+        named_by = [flags[k] for k in missing if flags and k in flags]
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (it has {', '.join(table.column_names)})"
+                         + (f" (other field names: {', '.join(named_by)})" if named_by else ""))
+    if len(table) == 0:
+        raise InputError(f"{path}: the data set is empty")
+    return [{**row, "_line": i} for i, row in enumerate(table, start=1)]
 
 
 def read_shard(path: str) -> list[dict]:
