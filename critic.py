@@ -57,13 +57,14 @@ from plumbing.models import (autocast, check_model_path, check_shardable, disabl
                              load_pretrained, load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
+from plumbing.tracking import start_tracking, TrackingConfig
 from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
 
 HEAD_FILE = "value_head.pt"
 
 
 @dataclasses.dataclass
-class Config:
+class Config(TrackingConfig):
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its solutions.jsonl is the "
                                                      "training data)")
     init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
@@ -95,7 +96,7 @@ class Config:
 # Settings a rerun may change (where the output goes, speed, logging): none of them changes the critic trained.
 # Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_size", "eval_batch_size", "gradient_checkpointing", "log_every",
-                  "checkpoint_every", "stop_after")
+                  "checkpoint_every", "stop_after", "report_to")
 # The defaults are the paper's settings for 7-8B models; the toy task takes TOY_FLAGS (demo.sh's), which a run of
 # only a few optimizer steps at the default learning rate names (plumbing.trainer.paper_defaults_note).
 TOY_FLAGS = "--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
@@ -250,7 +251,7 @@ def critic_step(cfg: Config, ddp, model, batch: list[dict]) -> float:
 
 
 def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train: list[dict], heldout: list[dict],
-                 t0: float):
+                 t0: float, tracker):
     """Steps 3-4: --epochs passes over the training solutions in global batches of --batch_size, AdamW with
     warm-up and linear decay and gradient clipping, resumed from the run's checkpoint when there is one. The last
     step's loss, or None when --stop_after stopped the run."""
@@ -295,6 +296,8 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
         loss = all_ranks_sum(loss_sum) / sum(w for s in batch for w in s["weights"])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        tracker.log({"critic/loss": loss, "critic/lr": lr, "critic/grad_norm": grad_norm, "critic/epoch": epoch + 1},
+                    step)
         if ddp.is_main and (step % cfg.log_every == 0 or step == total_steps):
             tqdm.write(f"step {step}/{total_steps} | epoch {epoch + 1} | {cfg.loss} {loss:.4f} | lr {lr:.2e} | "
                        f"grad norm {grad_norm:.3f} | {time.time() - t0:.1f}s")
@@ -453,6 +456,14 @@ def print_metrics(m: dict) -> None:
               f"{row['mean_predicted']:.3f}    {row['mean_label']:.3f}")
 
 
+def report_metrics(tracker, m: dict, step: int) -> None:
+    """The held-out metrics to the tracker: MSE and Pearson r, and the calibration table."""
+    tracker.log({"critic/heldout_mse": m["mse"], "critic/heldout_pearson_r": m["pearson_r"]}, step)
+    tracker.table("critic/calibration", ["predicted V", "states", "mean V", "mean MC label"],
+                  [[f"[{r['bin'][0]:.1f}, {r['bin'][1]:.1f})", r["states"], r["mean_predicted"], r["mean_label"]]
+                   for r in m["calibration"]], step)
+
+
 # ============================================================================= main
 # The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
@@ -462,6 +473,7 @@ def main() -> None:
     ddp = setup_distributed()
     set_seed(cfg.seed)
     train, heldout = read_inputs(cfg, ddp.world_size)
+    tracker = start_tracking(cfg, "critic.py", ddp.is_main)
     source = cfg.init_critic or cfg.init
     training = TrainingRun.start(cfg, RESUME_IGNORES, [os.path.join(cfg.rollout_dir, "solutions.jsonl"), source],
                                  "metrics.json", ddp.world_size, ddp.is_main)
@@ -474,7 +486,7 @@ def main() -> None:
     tok = load_tokenizer(source)
     critic = build_critic(cfg, ddp.device, train + heldout)
     t0 = time.time()
-    loss = train_critic(cfg, ddp, training, critic, train, heldout, t0)
+    loss = train_critic(cfg, ddp, training, critic, train, heldout, t0, tracker)
     if loss is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint
         cleanup_distributed()
         return
@@ -487,6 +499,7 @@ def main() -> None:
     if ddp.is_main:
         if metrics:
             print_metrics(metrics)
+            report_metrics(tracker, metrics, len(train) // cfg.batch_size * cfg.epochs)
         save_critic(critic, tok, cfg.out_dir, state, {
             "heldout": metrics, "train_solutions": len(train), "steps": len(train) // cfg.batch_size * cfg.epochs,
             "final_train_loss": loss, "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})

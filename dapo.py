@@ -73,12 +73,13 @@ from plumbing.models import (autocast, check_shardable, disable_dropout, enable_
                              load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
+from plumbing.tracking import start_tracking, TrackingConfig
 from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
 from critic import action_values, check_action_values, load_critic, value_alone
 
 
 @dataclasses.dataclass
-class Config:
+class Config(TrackingConfig):
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
                                       "(HF directory, hub name or .gguf file)")
     critic: str = arg("runs/toy/iter1/critic", "the critic directory of critic.py (unused with --q_source rollout)")
@@ -112,7 +113,7 @@ class Config:
 # Settings a rerun may change (where the output goes, speed, logging): none of them changes the actor trained.
 # Any other change is refused (plumbing.runfiles.check_rerun).
 RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
-                  "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after")
+                  "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after", "report_to")
 # The defaults are the paper's settings for 7-8B models; the toy task takes TOY_FLAGS (demo.sh's), which a run of
 # only a few optimizer steps at the default learning rate names (plumbing.trainer.paper_defaults_note).
 TOY_FLAGS = "--epochs 4 --global_batch_actions 64 --micro_batch_actions 64 --beta 0.3 --lr 1e-4"
@@ -264,7 +265,7 @@ def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], bat
     return sums
 
 
-def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float):
+def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float, tracker):
     """Step 5: minimise eq. 12, --epochs passes over the training states in global batches of whole states,
     AdamW with linear decay and gradient clipping, resumed from the run's checkpoint when there is one.
     (the actor, the metrics of every optimizer step), or (the actor, None) when --stop_after stopped it."""
@@ -300,6 +301,7 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
         metrics = {"step": step + 1, "lr": lr, **fit_metrics({k: all_ranks_sum(v) for k, v in sums.items()}),
                    "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
         log.append(metrics)
+        tracker.log({f"actor/{k}": v for k, v in metrics.items() if k not in ("step", "seconds")}, step + 1)
         if ddp.is_main:
             bar.set_postfix(loss=f"{metrics['loss']:.3g}", corr=f"{metrics['corr']:.2f}",
                             moved=f"{metrics['moved']:.2f}")
@@ -482,6 +484,28 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     print(f"wrote the actor to {cfg.out_dir} ({len(log)} steps, {time.time() - t0:.0f}s)")
 
 
+def report_fit(tracker, cfg: Config, tok, states: list[dict], q: list[list[float]], fit: list[dict], step: int,
+               shown_states: int = 4, shown_actions: int = 256) -> None:
+    """To the tracker: the fit of eq. 12 after training (its metrics, and a table of A / beta against log(pi /
+    pi_ref), one row per action), and a few states with their candidates, Q values and advantages (eq. 13)."""
+    if not tracker.active:
+        return
+    advantages = torch.tensor([a for f in fit for a in f["advantages"]], dtype=torch.float64)  # [actions kept]
+    log_ratios = torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64)  # [actions kept]
+    after = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages))
+    tracker.log({f"actor/after_training/{k}": v for k, v in after.items()}, step)
+    tracker.table("actor/fit", ["A / beta", "log pi/pi_ref"],
+                  [[a / cfg.beta, r] for a, r in zip(advantages.tolist()[:shown_actions], log_ratios.tolist())], step)
+    rows = []
+    for s, q_s in list(zip(states, q, strict=True))[:shown_states]:
+        steps = s["state_ids"][s.get("prompt_len", 0):]  # rollout.py writes state_text; a hand-made file may not
+        state_text = s.get("state_text") or tok.decode(steps, skip_special_tokens=True)
+        for a, q_a, adv in zip(s["actions"], q_s, compute_advantages(torch.tensor(q_s, dtype=torch.float64)).tolist(),
+                               strict=True):
+            rows.append([state_text[-60:], tok.decode(a["ids"], skip_special_tokens=True), q_a, adv])
+    tracker.table("actor/states", ["state (its end)", "candidate action", "Q", "advantage"], rows, step)
+
+
 # ============================================================================= main
 # The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
@@ -490,6 +514,7 @@ def main() -> None:
     ddp = setup_distributed()
     set_seed(cfg.seed)
     states, tok = read_inputs(cfg)
+    tracker = start_tracking(cfg, "dapo.py", ddp.is_main)
     inputs = [os.path.join(cfg.rollout_dir, "states.jsonl"), *([cfg.critic] if cfg.q_source == "critic" else []),
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
@@ -526,7 +551,7 @@ def main() -> None:
 
     # ALGORITHM 5. Train the actor on eq. 12.
     t0 = time.time()
-    actor, log = train_actor(cfg, ddp, training, model, train, t0)
+    actor, log = train_actor(cfg, ddp, training, model, train, t0, tracker)
     if log is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint
         cleanup_distributed()
         return
@@ -535,6 +560,7 @@ def main() -> None:
     # update), then the actor. MACHINERY: the run files and the rerun rule.
     fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp)
     save_actor(cfg, ddp, model, tok, states, train, log, fit, t0)
+    report_fit(tracker, cfg, tok, states, prepared["q_values"], fit, len(log))
     training.finish()
     cleanup_distributed()
 

@@ -40,11 +40,12 @@ from plumbing.runfiles import (append_jsonl, check_rerun, read_shard, read_shard
 from grading import answers_match, extract_answer, grade_batch, normalize_answer, reference_answer
 from rollout import QuestionConfig, load_questions
 from plumbing.generation import Generation
+from plumbing.tracking import start_tracking, TrackingConfig
 from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy
 
 
 @dataclasses.dataclass
-class Config(QuestionConfig, EngineConfig):
+class Config(QuestionConfig, EngineConfig, TrackingConfig):
     model: str = arg("runs/toy/sft", "policy to evaluate: HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/test.jsonl", "JSONL of held-out questions with reference answers, or (needs datasets) a "
                                            "hub data set name, a .parquet file or a save_to_disk directory")
@@ -63,7 +64,7 @@ class Config(QuestionConfig, EngineConfig):
 # Every other setting changes what is drawn: the questions (--max_questions, --max_prompt_tokens) and
 # --questions_per_chunk decide which questions share a chunk and its seed, --batch_size which rows share a
 # sampling call. (rollout.py promises less and allows more: its RESUME_IGNORES.)
-RESUME_IGNORES = ("out_dir", "overwrite")
+RESUME_IGNORES = ("out_dir", "overwrite", "report_to")
 
 
 # ============================================================================= accuracy
@@ -128,6 +129,14 @@ def print_table(s: dict) -> None:
         print(f"  {name:<28} {value:6.3f}")
     cut = f"{s['greedy_cut']:.3f} greedy" + (f", {s['sampled_cut']:.3f} sampled" if s["k"] else "")
     print(f"  {'cut by the token limit':<28} {cut}")
+
+
+def report_eval(cfg: Config, summary: dict, records: list[dict], shown: int = 8) -> None:
+    """--report_to: the accuracies, and a few questions with their greedy responses and verdicts."""
+    tracker = start_tracking(cfg, "eval.py", is_main=True)
+    tracker.log({f"eval/{k}": v for k, v in summary.items()}, 0)
+    tracker.table("eval/responses", ["question", "reference", "greedy response", "correct"],
+                  [[r["question"], r["reference"], r["greedy_response"], r["greedy_correct"]] for r in records[:shown]])
 
 
 # ============================================================================= main
@@ -199,6 +208,7 @@ def main() -> None:
         greedy_cut = sum(r["greedy_finish"] == "length" for r in merged)
         sampled_cut = sum(f == "length" for r in merged for f in r["sampled_finish"])
         warn_useless_data(cut=greedy_cut + sampled_cut, responses=len(merged) * (1 + cfg.k))
+        report_eval(cfg, summary, merged)
     cleanup_distributed()
 
 

@@ -33,6 +33,7 @@ from plumbing.distributed import all_ranks_sum, barrier, cleanup_distributed, se
 from plumbing.models import build_prompt_ids, DEFAULT_INSTRUCTION, eos_token_ids, load_tokenizer
 from plumbing.runfiles import (append_jsonl, check_rerun, read_table, read_shard, read_shards, warn_useless_data,
                                write_json_atomic, write_jsonl_atomic)
+from plumbing.tracking import start_tracking, TrackingConfig
 from plumbing.vllm_engine import check_engine, EngineConfig, generate, load_policy
 from grading import CODE_INSTRUCTION, check_grader, code_layout, code_question, grade_batch
 
@@ -54,7 +55,7 @@ class QuestionConfig:
 
 
 @dataclasses.dataclass
-class Config(QuestionConfig, EngineConfig):
+class Config(QuestionConfig, EngineConfig, TrackingConfig):
     model: str = arg("runs/toy/sft", "policy to sample from (pi_ref = pi_gen): HF directory, hub name or .gguf file")
     data: str = arg("runs/toy/train.jsonl", "JSONL of questions with reference answers, or (needs datasets) a hub "
                                             "data set name, a .parquet file or a save_to_disk directory")
@@ -78,7 +79,7 @@ class Config(QuestionConfig, EngineConfig):
 # of questions done), so draw-changing speed settings may change too; eval.py, which promises the numbers of
 # an uninterrupted run, allows only --out_dir.
 RESUME_IGNORES = ("out_dir", "overwrite", "max_questions", "batch_size", "questions_per_chunk",
-                  "gpu_memory_utilization", "tensor_parallel_size")
+                  "gpu_memory_utilization", "tensor_parallel_size", "report_to")
 
 
 # ============================================================================= steps in token space
@@ -243,6 +244,15 @@ def load_questions(cfg: Config, tok) -> list[dict]:
     return questions
 
 
+def report_rollout(cfg: Config, summary: dict, states: list[dict], shown: int = 8) -> None:
+    """--report_to: the summary's numbers, and a few states with their MC labels and candidate actions."""
+    tracker = start_tracking(cfg, "rollout.py", is_main=True)
+    tracker.log({f"rollout/{k}": v for k, v in summary.items()}, 0)
+    tracker.table("rollout/states", ["state (its end)", "MC label", "candidate actions"],
+                  [[s["state_text"][-60:], s["mc_value"], " / ".join(a["text"] for a in s["actions"])]
+                   for s in states[:shown]])
+
+
 # ============================================================================= main
 # The paper's steps are rollout_chunk's; in main the lines under an ALGORITHM comment are the algorithm, those under
 # MACHINERY a learner may skip.
@@ -318,6 +328,7 @@ def main() -> None:
               f"states labelled 0 / 1: {summary['states_labelled_0']} / {summary['states_labelled_1']}")
         warn_useless_data([s["mc_value"] for s in states], summary["cut_by_token_limit"], summary["responses"],
                                  after=": the critic can only learn a constant")
+        report_rollout(cfg, summary, states)
     cleanup_distributed()
 
 

@@ -2,6 +2,7 @@
 grading.py read as the algorithm; what they need to run at scale lives here, one module per concern.
 
     cli            config dataclass (+ --config file) -> command line, InputError -> one line + exit 2, progress bars
+    tracking       --report_to none|tensorboard|wandb: every step's metrics, the settings, tables (rank 0)
     distributed    DDP and FSDP2: process group, sharding, gradient sync, clipping
     runfiles       JSONL reading and shards, atomic writes, the rerun rule, input fingerprints
     models         tokenizers, causal LMs, GGUF files, chat prompts, autocast
@@ -14,7 +15,7 @@ grading.py read as the algorithm; what they need to run at scale lives here, one
     harness        what runs inside a code check: the program's process and the verifier's (stdlib only)
     sandbox        starts untrusted programs and their verifiers for grading.py's code rewards
 
-Imports form a ladder (each module imports only modules above it in this list): cli, distributed, runfiles,
+Imports form a ladder (each module imports only modules above it in this list): cli, tracking, distributed, runfiles,
 models, checkpoints, trainer, shared_prefix, generation, vllm_engine, harness, sandbox. Nothing here imports a
 stage script.
 """

@@ -204,7 +204,7 @@ def rollout_config(cfg: Config):
         raise InputError(f"{path}: not found: --rollout_dir must be a finished rollout.py output directory")
     with open(path, encoding="utf-8") as f:
         recorded = json.load(f)["config"]
-    fields = {f.name for f in dataclasses.fields(rollout.Config)}
+    fields = {f.name for f in dataclasses.fields(rollout.Config)} - {"report_to"}  # nothing is reported from here
     rcfg = rollout.Config(**{k: v for k, v in recorded.items() if k in fields})
     if cfg.data:
         rcfg.data = cfg.data
