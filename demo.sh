@@ -11,6 +11,7 @@
 #   DEMO_M=4 bash demo.sh        # M = 4 completions per state instead of 16, in runs/toy-M4
 #   DEMO_CORES=4 bash demo.sh    # threads / rollout ranks of a stage that runs alone (default 2, as measured)
 #   OUT=runs/other bash demo.sh  # another output folder
+#   DEMO_REPORT_TO=tensorboard bash demo.sh  # every stage also reports to TensorBoard (OUT/**/*.tensorboard/)
 #
 # Each stage is skipped when its output is already complete, so rerunning after a kill resumes. A smoke run
 # never passes for the demo: OUT/demo_kind says which kind of run made the folder, and the other kind refuses it.
@@ -57,6 +58,8 @@ if [ "$TOY" = varied ]; then
   PREPARE="$PREPARE --varied true"
   TOKENS="--max_new_tokens 48"  # each step is 2 tokens longer (its remark)
 fi
+REPORT=()  # DEMO_REPORT_TO=tensorboard (or wandb): every stage reports its metrics (docs/pipeline.md, "Logs")
+[ -z "${DEMO_REPORT_TO:-}" ] || REPORT=(--report_to "$DEMO_REPORT_TO")
 KIND_LINE="$KIND$([ "$TOY" = toy ] || echo " $TOY")$([ -z "${DEMO_M:-}" ] || echo " M=$DEMO_M")"  # OUT/demo_kind
 
 if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND_LINE" ]; then
@@ -100,7 +103,7 @@ WALL0=$(date +%s%N)
 
 stage prepare "$OUT/sft" $ALONE data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
 beside eval-base "$OUT/base/eval/summary.json" \
-  $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS
+  $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS "${REPORT[@]}"
 
 POLICY="$OUT/sft"
 PREV_CRITIC=()
@@ -108,22 +111,22 @@ for IT in 1 2; do
   D="$OUT/iter$IT"
   # Stage A: data from the current policy (pi_ref = pi_gen), then the critic on its MC labels.
   stage "iter$IT-rollout" "$D/rollout/summary.json" \
-    $RANKS rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS
+    $RANKS rollout.py --model "$POLICY" --data "$OUT/train.jsonl" --out_dir "$D/rollout" $ROLLOUT $TOKENS "${REPORT[@]}"
   if [ "$IT" = 1 ]; then  # the ablation: the same rollout and settings, Q from one completion instead of the critic
     stage iter1-no-critic-dapo "$D/no-critic/actor" \
-      $ALONE dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO
+      $ALONE dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO "${REPORT[@]}"
   fi
   stage "iter$IT-critic" "$D/critic" \
-    $ALONE critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC
+    $ALONE critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC "${REPORT[@]}"
   # Stage B: advantages from the critic, the DAPO loss, a new actor that is the next iteration's policy.
   stage "iter$IT-dapo" "$D/actor" \
-    $ALONE dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO
+    $ALONE dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO "${REPORT[@]}"
   wait_beside  # the last evals have finished
   beside "iter$IT-eval" "$D/eval/summary.json" \
-    $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS
+    $PY eval.py --model "$D/actor" --data "$OUT/test.jsonl" --out_dir "$D/eval" $EVAL $TOKENS "${REPORT[@]}"
   if [ "$IT" = 1 ]; then
     beside iter1-no-critic-eval "$D/no-critic/eval/summary.json" \
-      $PY eval.py --model "$D/no-critic/actor" --data "$OUT/test.jsonl" --out_dir "$D/no-critic/eval" $EVAL $TOKENS
+      $PY eval.py --model "$D/no-critic/actor" --data "$OUT/test.jsonl" --out_dir "$D/no-critic/eval" $EVAL $TOKENS "${REPORT[@]}"
   fi
   POLICY="$D/actor"
   PREV_CRITIC=(--init_critic "$D/critic")  # iterative DAPO warm-starts the critic from the previous one

@@ -1,4 +1,5 @@
-"""demo.sh end to end with every stage shrunk (DEMO_SMOKE=1): it runs and writes a complete summary.json."""
+"""demo.sh end to end with every stage shrunk (DEMO_SMOKE=1): it runs and writes a complete summary.json, and with
+DEMO_REPORT_TO=tensorboard (when installed) every stage's TensorBoard events."""
 import importlib.util
 import json
 import os
@@ -10,7 +11,9 @@ from conftest import ROOT
 
 def test_demo_smoke_writes_complete_summary(tmp_path):
     out = tmp_path / "toy"
-    env = {**os.environ, "DEMO_SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable}
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    env = {**os.environ, "DEMO_SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable,
+           **({"DEMO_REPORT_TO": "tensorboard"} if tensorboard else {})}
     proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -33,6 +36,18 @@ def test_demo_smoke_writes_complete_summary(tmp_path):
     # The second iteration starts from the first: its rollout used iteration 1's actor as pi_ref.
     rollout2 = json.loads((out / "iter2" / "rollout" / "summary.json").read_text())
     assert rollout2["config"]["model"] == str(out / "iter1" / "actor")
+    if tensorboard:  # the critic's and the actor's metrics at every optimizer step, read back as TensorBoard does
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        for run, tag, steps in [("critic", "critic/loss", json.loads((out / "iter1" / "critic" / "metrics.json")
+                                                                    .read_text())["steps"]),
+                                ("actor", "actor/loss", json.loads((out / "iter1" / "actor" / "train_summary.json")
+                                                                  .read_text())["steps"])]:
+            acc = EventAccumulator(str(out / "iter1" / f"{run}.tensorboard"))
+            acc.Reload()
+            assert [e.step for e in acc.Scalars(tag)] == list(range(1, steps + 1)), run
+        assert all((out / d).is_dir() for d in ("base/eval.tensorboard", "iter2/rollout.tensorboard",
+                                                "iter1/no-critic/actor.tensorboard"))
     # Rerunning resumes: every stage is found complete and skipped.
     again = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 12, again.stdout[-2000:]
