@@ -33,7 +33,7 @@ def parse_config(cls: type, argv: list[str] | None = None):
     config_file = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     config_file.add_argument("--config", default=None)
     path = config_file.parse_known_args(argv)[0].config
-    if path is not None:
+    if path is not None:  # HfArgumentParser.parse_yaml_file reads a file alone; here it gives defaults flags override
         parser.set_defaults(**read_config_file(path, parser))
     settings = vars(parser.parse_args(argv))
     settings.pop("config")
