@@ -5,6 +5,7 @@ log pi(a|s), its gradient and the critic's V(s . a); a hybrid (LFM2: convolution
 (Bloom) are refused, in the functions and through dapo.py."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ import critic as C
 import dapo
 from conftest import run_script
 from plumbing.cli import InputError
-from plumbing.shared_prefix import check_packing, checked_rows, shared_prefix_rows
+from plumbing.shared_prefix import check_packing, checked_rows, PACKING, rope_limit, shared_prefix_rows
 
 VOCAB = 64
 WINDOW = 4  # every row below is longer than this
+ORIGINAL = 16  # the length up to which a longrope or dynamic RoPE keeps its frequencies
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
@@ -32,6 +34,17 @@ FAMILIES = {
     "lfm2": lambda: transformers.Lfm2Config(**SIZES, full_attn_idxs=[1]),  # a convolution layer, then attention
     "bloom": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
                                               bos_token_id=1, eos_token_id=2),  # ALiBi
+    # Phi-3.5's longrope with an original length of 16: every position takes the long frequencies in a pass
+    # that reaches position 16 (weights large enough for positions to matter: std 0.02 moves log pi by 4e-4)
+    "phi3_longrope": lambda: transformers.Phi3Config(**SIZES, initializer_range=0.2,
+                                                     original_max_position_embeddings=ORIGINAL,
+                                                     rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5, 2.0, 3.0],
+        long_factor=[4.0, 8.0, 16.0, 64.0], factor=8.0, original_max_position_embeddings=ORIGINAL)),
+    # dynamic NTK past max_position_embeddings 16
+    "llama_dynamic": lambda: transformers.LlamaConfig(**{**SIZES, "max_position_embeddings": ORIGINAL},
+                                                      rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                           factor=4.0)),
 }
 EXACT = ["llama", "qwen2", "mistral", "gemma3"]
 WINDOWED = ["qwen2", "mistral", "gemma3"]
@@ -166,13 +179,14 @@ def test_a_mask_the_model_does_not_honour_is_caught_by_the_numbers(monkeypatch):
         C.check_action_values(critic("mistral"), list(zip(states, actions)))
 
 
-def test_checked_rows_reach_furthest_pad_and_hold_two_actions_each():
-    asked = [([1] * 3, [[5] * 2, [6] * 2]), ([1] * 9, [[7] * 8]), ([1] * 2, [[8]]), ([1] * 6, [[5], [6], [7]]),
+def test_checked_rows_reach_furthest_pad_and_hold_the_shortest_and_longest_actions():
+    asked = [([1] * 3, [[5] * 2, [6] * 2]), ([1] * 9, [[7] * 8]), ([1] * 2, [[8]]), ([1] * 6, [[5], [6], [7], [8, 9]]),
              ([1] * 4, [])]
     rows = checked_rows(asked, per_state=2)
-    assert [len(s) for s, _ in rows] == [6, 9, 2]  # the two that reach furthest (9 and 17), then the shortest
-    assert [len(acts) for _, acts in rows] == [2, 2, 2]  # a single candidate gets a second one from the others
-    assert rows[1][1][0] == [7] * 8 and rows[0][1] == [[6], [7]]  # the longest actions (stable order)
+    assert [len(s) for s, _ in rows] == [6, 9, 2]  # the two that reach furthest (8 and 17), then the shortest
+    assert [len(acts) for _, acts in rows] == [3, 2, 2]  # a single candidate gets a second one from the others
+    assert rows[1][1][0] == [7] * 8  # the longest actions (stable order) after the shortest:
+    assert rows[0][1] == [[5], [7], [8, 9]]
 
 
 # ============================================================================= through dapo.py
@@ -191,9 +205,11 @@ def save_family(family: str, tmp_path) -> tuple[str, str]:
     return policy_dir, critic_dir
 
 
-def write_rollout(tmp_path) -> tuple[str, list[dict]]:
-    """states.jsonl: the random states, their first candidate terminal (reward 1 or 0), the rest not."""
+def write_rollout(tmp_path, grow: int = 0) -> tuple[str, list[dict]]:
+    """states.jsonl: the random states (`grow` tokens longer), their first candidate terminal (reward 1 or 0), the
+    rest not."""
     states, actions = random_states(seed=3, count=4)
+    states = [list(range(3, 3 + grow)) + s for s in states]
     records = [{"qid": str(i), "state_ids": s, "mc_value": 0.5,
                 "actions": [{"ids": a, "terminal": j == 0, "reward": float(i % 2), "completion_reward": float(j % 2)}
                             for j, a in enumerate(acts)]} for i, (s, acts) in enumerate(zip(states, actions))]
@@ -244,3 +260,74 @@ def test_dapo_refuses_a_family_it_cannot_pack_with_one_line_and_writes_nothing(f
     assert "Traceback" not in proc.stderr
     assert ("kept (advantage gap" in proc.stdout) == (q_source == "rollout")  # printed once the Q values exist
     assert not os.path.exists(out) and not os.path.exists(out + ".work")  # nothing written: no settings, Q or log pi
+
+
+# ========================================================================= RoPE whose frequencies depend on the batch
+def pairs_of_lengths(state_lengths: list[int], action_lengths: list[list[int]], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    return [tokens(n) for n in state_lengths], [[tokens(m) for m in ms] for ms in action_lengths]
+
+
+WITHIN = pairs_of_lengths([5, 12, 9], [[2, 4], [3, 4], [1, 7]])  # pairs of 6 to 16 tokens: at most ORIGINAL
+PAST = pairs_of_lengths([14, 20, 15], [[1, 2], [3, 4], [1, 5]])  # the issue's states, pairs of 15 to 24 tokens
+
+
+def test_rope_limit_reads_the_rope_of_every_layer_type():
+    """longrope and dynamic have a limit, the smallest over the layer types; the other rope types have none."""
+    class Config(SimpleNamespace):  # rope_parameters as a config holds them, unvalidated
+        def get_text_config(self, decoder=False):
+            return self
+
+    def config(**rope):
+        return Config(max_position_embeddings=64, rope_parameters=rope)
+
+    longrope = dict(rope_type="longrope", original_max_position_embeddings=32)
+    assert rope_limit(config(**longrope)) == ("longrope", 32)
+    assert rope_limit(config(full_attention=longrope, sliding_attention=dict(rope_type="dynamic"))) == ("longrope", 32)
+    assert rope_limit(config(full_attention=dict(rope_type="default"), sliding_attention=dict(rope_type="dynamic"))
+                      ) == ("dynamic", 64)
+    for kind in ("default", "linear", "yarn", "llama3", "proportional"):
+        assert rope_limit(config(rope_type=kind)) is None
+    assert rope_limit(transformers.BloomConfig()) is None  # no rope at all
+
+
+@pytest.mark.parametrize("family", ["phi3_longrope", "llama_dynamic"])
+def test_batch_dependent_rope_packs_exactly_within_its_length(family):
+    """Pairs of at most ORIGINAL tokens: the same numbers in one batch, one state per batch, and alone."""
+    states, actions = WITHIN
+    model, value_model = policy(family), critic(family)
+    asked = list(zip(states, actions))
+    with torch.no_grad():
+        together = dapo.action_logps(model, states, actions)  # [N]
+        apart = torch.cat([dapo.action_logps(model, [s], [a]) for s, a in asked])  # [N]
+        alone = logps_alone(model, states, actions)  # [N]
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(apart, alone, rtol=1e-5, atol=1e-5)
+    assert check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)", mode="on")
+    C.check_action_values(value_model, asked)
+
+
+def test_longrope_past_its_original_length_is_refused_in_one_line():
+    """States of 14, 20 and 15 tokens: a short pair beside a longer one would get the long frequencies. Refused
+    in one line before any number."""
+    states, actions = PAST
+    model, value_model = policy("phi3_longrope"), critic("phi3_longrope")
+    asked = list(zip(states, actions))
+    with torch.no_grad():
+        packed, alone = dapo.action_logps(model, states, actions), logps_alone(model, states, actions)  # [N]
+    assert (packed - alone).abs().max() > 0.1  # the premise: packing would be wrong
+    with pytest.raises(InputError, match="its longrope RoPE switches every position .* more than 16 tokens"):
+        check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)")
+    with pytest.raises(InputError, match="longrope"):
+        C.check_action_values(value_model, asked)
+
+
+@pytest.mark.parametrize("mode", PACKING)
+def test_dynamic_rope_past_its_length_is_refused_in_one_line(mode):
+    """Dynamic NTK rescales past max_position_embeddings and remembers the longest pass: no forward is a
+    pair's own, packed or alone, so every --packing refuses."""
+    states, actions = PAST
+    with pytest.raises(InputError, match="model family llama: its dynamic RoPE rescales .* up to 24 tokens"):
+        check_packing(policy("llama_dynamic"), dapo.action_logps, dapo.action_logp, list(zip(states, actions)),
+                      "log pi(a|s)", mode=mode)
