@@ -249,17 +249,51 @@ def test_dapo_on_a_windowed_family_gives_each_pairs_q_and_log_pi_ref(family, tmp
 
 @pytest.mark.parametrize("family,q_source", [("lfm2", "critic"), ("bloom", "rollout")])
 def test_dapo_refuses_a_family_it_cannot_pack_with_one_line_and_writes_nothing(family, q_source, tmp_path):
-    """The critic's check refuses before any Q value (q_source critic), the policy's before log pi_ref."""
+    """--packing on: the critic's check refuses before any Q value (q_source critic), the policy's before
+    log pi_ref."""
     policy_dir, critic_dir = save_family(family, tmp_path)
     rollout, _ = write_rollout(tmp_path)
     out = str(tmp_path / "actor")
-    proc = run_dapo(policy_dir, critic_dir, rollout, out, "--q_source", q_source, check=False)
+    proc = run_dapo(policy_dir, critic_dir, rollout, out, "--q_source", q_source, "--packing", "on", check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: model family {family}") and REFUSED[family] in last, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert ("kept (advantage gap" in proc.stdout) == (q_source == "rollout")  # printed once the Q values exist
     assert not os.path.exists(out) and not os.path.exists(out + ".work")  # nothing written: no settings, Q or log pi
+
+
+@pytest.mark.parametrize("family,q_source", [("lfm2", "critic"), ("bloom", "rollout"), ("phi3_longrope", "critic")])
+def test_dapo_trains_a_family_it_cannot_pack_one_row_per_pair(family, q_source, tmp_path):
+    """--packing auto (the default): a hybrid (LFM2), ALiBi (Bloom) and a longrope past its original length
+    train on one row per (state, candidate), saying so; Q, log pi_ref and log(pi / pi_ref) after training are
+    each pair's plain forward."""
+    policy_dir, critic_dir = save_family(family, tmp_path)
+    rollout, records = write_rollout(tmp_path, grow=6)
+    assert max(len(r["state_ids"]) + len(a["ids"]) for r in records for a in r["actions"]) > ORIGINAL
+    out = str(tmp_path / "actor")
+    proc = run_dapo(policy_dir, critic_dir, rollout, out, "--q_source", q_source, "--epochs", "4")
+    said = [line for line in proc.stdout.splitlines() if "stage B runs one row per (state, action)" in line]
+    kind = FAMILIES[family]().model_type
+    assert len(said) == (2 if q_source == "critic" else 1) and all(f"model family {kind}" in x for x in said)
+    prepared = torch.load(out + ".work/prepared.pt", weights_only=False)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    actor = AutoModelForCausalLM.from_pretrained(out).eval()
+    train = prepared["train"]
+    with torch.no_grad():
+        ref = torch.tensor(flat(logps_alone(model, [s["state_ids"]], [s["actions"]]).tolist() for s in train))
+        after = torch.tensor(flat(logps_alone(actor, [s["state_ids"]], [s["actions"]]).tolist() for s in train))
+        if q_source == "critic":
+            value_model = C.load_critic(critic_dir, "cpu").eval()
+            q_alone = [[a["reward"] if a["terminal"] else C.value_alone(value_model, r["state_ids"], a["ids"])
+                        for a in r["actions"]] for r in records]
+            torch.testing.assert_close(torch.tensor(flat(prepared["q_values"])), torch.tensor(flat(q_alone)),
+                                       rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(flat(s["ref_logp"] for s in train)), ref, rtol=0, atol=1e-4)
+    fit = [json.loads(line) for line in open(os.path.join(out, "fit.jsonl"))]
+    log_ratios = torch.tensor(flat(f["log_ratios"] for f in fit))
+    torch.testing.assert_close(log_ratios, after - ref, rtol=0, atol=1e-4)
+    assert log_ratios.abs().max() > 1e-2  # the actor did move
 
 
 # ========================================================================= RoPE whose frequencies depend on the batch
@@ -305,22 +339,28 @@ def test_batch_dependent_rope_packs_exactly_within_its_length(family):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(apart, alone, rtol=1e-5, atol=1e-5)
     assert check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)", mode="on")
-    C.check_action_values(value_model, asked)
+    assert C.check_action_values(value_model, asked, "on")
 
 
-def test_longrope_past_its_original_length_is_refused_in_one_line():
+def test_longrope_past_its_original_length_is_not_packed(capsys):
     """States of 14, 20 and 15 tokens: a short pair beside a longer one would get the long frequencies. Refused
-    in one line before any number."""
+    in one line with --packing on, one row per pair with auto (each pair's own numbers), before any number."""
     states, actions = PAST
     model, value_model = policy("phi3_longrope"), critic("phi3_longrope")
     asked = list(zip(states, actions))
     with torch.no_grad():
         packed, alone = dapo.action_logps(model, states, actions), logps_alone(model, states, actions)  # [N]
-    assert (packed - alone).abs().max() > 0.1  # the premise: packing would be wrong
+        assert (packed - alone).abs().max() > 0.1  # the premise: packing would be wrong
+        torch.testing.assert_close(dapo.pair_logps(model, states, actions), alone, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="its longrope RoPE switches every position .* more than 16 tokens"):
-        check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)")
+        check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)", mode="on")
     with pytest.raises(InputError, match="longrope"):
-        C.check_action_values(value_model, asked)
+        C.check_action_values(value_model, asked, "on")
+    capsys.readouterr()
+    assert not check_packing(model, dapo.action_logps, dapo.action_logp, asked, "log pi(a|s)", mode="auto")
+    assert not C.check_action_values(value_model, asked, "auto")
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2 and all("phi3" in x and "one row per (state, action)" in x for x in said)
 
 
 @pytest.mark.parametrize("mode", PACKING)
@@ -331,3 +371,15 @@ def test_dynamic_rope_past_its_length_is_refused_in_one_line(mode):
     with pytest.raises(InputError, match="model family llama: its dynamic RoPE rescales .* up to 24 tokens"):
         check_packing(policy("llama_dynamic"), dapo.action_logps, dapo.action_logp, list(zip(states, actions)),
                       "log pi(a|s)", mode=mode)
+
+
+@pytest.mark.parametrize("family", ["lfm2", "bloom", "phi3_longrope"])
+def test_one_row_per_pair_is_each_pair_alone(family):
+    states, actions = random_states()
+    model, value_model = policy(family), critic(family)
+    asked = list(zip(states, actions))
+    with torch.no_grad():
+        torch.testing.assert_close(dapo.pair_logps(model, states, actions), logps_alone(model, states, actions),
+                                   rtol=1e-5, atol=1e-5)
+        values = torch.tensor(flat(C.action_values(value_model, asked, batch_actions=5, packed=False)))  # [N]
+        torch.testing.assert_close(values, values_alone(value_model, states, actions), rtol=1e-5, atol=1e-6)
