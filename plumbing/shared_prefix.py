@@ -160,8 +160,9 @@ def rope_limit(config) -> tuple[str, int] | None:
     rope types (modeling_rope_utils.dynamic_rope_update) two do: longrope (Phi-3-128k, Phi-3.5, Phi-4-mini)
     switches every position of the pass to its long frequencies once a position reaches
     original_max_position_embeddings, and dynamic rescales them past max_position_embeddings and remembers the
-    longest sequence it has seen. default, linear, yarn, llama3 and proportional are fixed at load time. A config
-    with one rope setting per layer type gives the smallest L of its layers."""
+    longest sequence it has seen. default, linear, yarn, llama3 and proportional are fixed at load time, but
+    PhiMoE's own rotary class switches its scale past original_max_position_embeddings for any rope type but
+    default. A config with one rope setting per layer type gives the smallest L of its layers."""
     config = config.get_text_config(decoder=True)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     settings = [params] if "rope_type" in params or "type" in params else [
@@ -169,9 +170,10 @@ def rope_limit(config) -> tuple[str, int] | None:
     limits = []
     for p in settings:
         kind = p.get("rope_type", p.get("type", "default"))
-        if kind == "longrope":
-            limits.append((kind, p.get("original_max_position_embeddings")
-                           or config.original_max_position_embeddings))
+        if kind == "longrope" or (kind != "default" and getattr(config, "model_type", None) == "phimoe"):
+            original = p.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None)
+            limits += [(kind, original)] if original else []
         elif "dynamic" in kind:
             limits.append((kind, config.max_position_embeddings))
     return min(limits, key=lambda limit: limit[1]) if limits else None

@@ -308,7 +308,8 @@ PAST = pairs_of_lengths([14, 20, 15], [[1, 2], [3, 4], [1, 5]])  # the issue's s
 
 
 def test_rope_limit_reads_the_rope_of_every_layer_type():
-    """longrope and dynamic have a limit, the smallest over the layer types; the other rope types have none."""
+    """longrope and dynamic have a limit, the smallest over the layer types; the other rope types have none, but
+    in PhiMoE."""
     class Config(SimpleNamespace):  # rope_parameters as a config holds them, unvalidated
         def get_text_config(self, decoder=False):
             return self
@@ -324,6 +325,9 @@ def test_rope_limit_reads_the_rope_of_every_layer_type():
     for kind in ("default", "linear", "yarn", "llama3", "proportional"):
         assert rope_limit(config(rope_type=kind)) is None
     assert rope_limit(transformers.BloomConfig()) is None  # no rope at all
+    phimoe = Config(model_type="phimoe", max_position_embeddings=64,  # its scale switches past the original length
+                    rope_parameters=dict(rope_type="yarn", original_max_position_embeddings=32))
+    assert rope_limit(phimoe) == ("yarn", 32)
 
 
 @pytest.mark.parametrize("family", ["phi3_longrope", "llama_dynamic"])
