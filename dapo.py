@@ -228,14 +228,22 @@ def action_logps(model, states: list[list[int]], actions: list[list[list[int]]])
 def pair_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
     """action_logps' numbers with one row per (state, action): the plain forward of s . a, exact for any model
     family, the state read once per action (stage B takes it where shared rows differ: check_packing). Pairs of
-    the same length share a forward pass, unpadded, so a row holds its pair and nothing else: [N]."""
+    the same length share a forward pass, unpadded, so a row holds its pair and nothing else: [N]. Under DDP or
+    FSDP every rank runs as many passes (the count differs with the lengths), as their collectives need."""
     device = next(model.parameters()).device
     pairs = [(s, a) for s, acts in zip(states, actions) for a in acts]
     by_length = collections.defaultdict(list)  # length of s . a -> its pairs
     for j, (s, a) in enumerate(pairs):
         by_length[len(s) + len(a)].append(j)
+    passes = [(group, False) for group in by_length.values()]
+    if hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync"):
+        # DDP or FSDP: every pass takes part in collectives, so every rank runs as many (repeats that count zero)
+        count = torch.tensor(len(passes), device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        passes += [(passes[0][0], True)] * (int(count) - len(passes))
     logps = [None] * len(pairs)  # [N] scalars, every one set below
-    for length, group in by_length.items():
+    for group, repeat in passes:
+        length = len(pairs[group[0]][0]) + len(pairs[group[0]][1])
         ids = torch.tensor([pairs[j][0] + pairs[j][1] for j in group], device=device)  # [b, L]
         n = max(len(pairs[j][1]) for j in group)  # the most action tokens of the group
         logits = model(input_ids=ids, use_cache=False, **last_logits(model, n + 1)).logits[:, -n - 1:-1]  # [b, n, V]
@@ -243,7 +251,7 @@ def pair_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -
         sizes = torch.tensor([len(pairs[j][1]) for j in group], device=device)  # [b]
         of_action = torch.arange(n, device=device)[None] >= (n - sizes)[:, None]  # [b, n] a row's last |a| tokens
         for j, logp in zip(group, (token_logp * of_action).sum(-1)):
-            logps[j] = logp
+            logps[j] = logps[j] + 0 * logp if repeat else logp  # a repeat joins the graph: its backward runs too
     return torch.stack(logps) if logps else torch.zeros(0, device=device)  # [N]
 
 
@@ -560,9 +568,6 @@ def main() -> None:
     packed = check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train],
                            "log pi(a|s)", mode=cfg.packing, quiet=not ddp.is_main)
     logps = action_logps if packed else pair_logps
-    if not packed and ddp.world_size > 1:
-        raise InputError("one row per (state, action) (--packing off, or a model family that shared rows cannot "
-                         "hold) trains on one process only: run dapo.py without torchrun")
     if "ref_logp" not in train[0]:
         model.eval()
         ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
