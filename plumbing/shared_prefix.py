@@ -55,9 +55,8 @@ class SharedPrefixRows:
         unknown = kinds - {"full_attention", "sliding_attention"}
         if unknown:
             raise InputError(f"model family {config.model_type}: its layer types {', '.join(sorted(unknown))} take no "
-                             f"block attention mask, so stage B cannot pack its states and candidates into rows; "
-                             f"use a model whose layers are all (full or sliding-window) attention "
-                             f"(docs/pipeline.md, 'Stage B reads each state once')")
+                             f"block attention mask, so its states and candidates cannot share rows (docs/pipeline.md, "
+                             f"'Stage B reads each state once')")
         as_mask = functools.partial(self._as_mask, eager=implementation == "eager")
         if not kinds:
             return as_mask(self.within_window(window) if window else self.allowed)
