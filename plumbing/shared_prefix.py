@@ -1,5 +1,6 @@
 """Shared-prefix rows: one row per state holding the state once and then every candidate action after it, and
-the guard (check_packing) that refuses a model family whose rows do not give what each pair alone gives."""
+the guard (check_packing) that finds a model family whose rows do not give what each pair alone gives (stage B
+then runs one row per pair, or refuses)."""
 from __future__ import annotations
 
 import dataclasses
@@ -125,7 +126,7 @@ def pack(indices: list[int], sizes: list[int], limit: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-# ============================================================================= the guard: rows equal pairs, or refuse
+# =================================================================== the guard: rows equal pairs, or one row per pair
 # Largest |shared row - pair alone| accepted, per unit of the compared number: rounding of the parameters' dtype
 # (the check runs without autocast), far below what a mask that a layer ignores gives (whole nats, tenths of V).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
