@@ -1,8 +1,9 @@
 """Stage B packs each state with its candidates into one row (plumbing.shared_prefix). For every model family
-that must give what each (state, action) pair run alone gives, or be refused with one line: tiny random models
-of Llama, Qwen2 with sliding layers, Mistral, Gemma 3 (windows of 4 tokens, shorter than the rows) are exact in
-log pi(a|s), its gradient and the critic's V(s . a); a hybrid (LFM2: convolution layers) and an ALiBi model
-(Bloom) are refused, in the functions and through dapo.py."""
+that must give what each (state, action) pair run alone gives, or the guard must find out in one line: tiny random
+models of Llama, Qwen2 with sliding layers, Mistral, Gemma 3 (windows of 4 tokens, shorter than the rows) are exact
+in log pi(a|s), its gradient and the critic's V(s . a); a hybrid (LFM2: convolution layers), an ALiBi model
+(Bloom), a state-space model (Mamba) and a longrope Phi-3 past its original length run one row per pair instead
+(refused with --packing on), in the functions and through dapo.py; a dynamic RoPE past its length is refused."""
 import json
 import os
 from types import SimpleNamespace
@@ -34,6 +35,8 @@ FAMILIES = {
     "lfm2": lambda: transformers.Lfm2Config(**SIZES, full_attn_idxs=[1]),  # a convolution layer, then attention
     "bloom": lambda: transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0,
                                               bos_token_id=1, eos_token_id=2),  # ALiBi
+    "mamba": lambda: transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                              pad_token_id=0, bos_token_id=1, eos_token_id=2),  # state-space layers
     # Phi-3.5's longrope with an original length of 16: every position takes the long frequencies in a pass
     # that reaches position 16 (weights large enough for positions to matter: std 0.02 moves log pi by 4e-4)
     "phi3_longrope": lambda: transformers.Phi3Config(**SIZES, initializer_range=0.2,
@@ -54,7 +57,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def attn(family: str) -> str:
-    return "eager" if family == "bloom" else "sdpa"  # Bloom has no sdpa attention
+    return "eager" if family in ("bloom", "mamba") else "sdpa"  # Bloom has no sdpa attention, Mamba no attention
 
 
 def policy(family: str, seed: int = 0):
@@ -263,11 +266,12 @@ def test_dapo_refuses_a_family_it_cannot_pack_with_one_line_and_writes_nothing(f
     assert not os.path.exists(out) and not os.path.exists(out + ".work")  # nothing written: no settings, Q or log pi
 
 
-@pytest.mark.parametrize("family,q_source", [("lfm2", "critic"), ("bloom", "rollout"), ("phi3_longrope", "critic")])
+@pytest.mark.parametrize("family,q_source", [("lfm2", "critic"), ("bloom", "rollout"), ("phi3_longrope", "critic"),
+                                             ("mamba", "critic")])
 def test_dapo_trains_a_family_it_cannot_pack_one_row_per_pair(family, q_source, tmp_path):
-    """--packing auto (the default): a hybrid (LFM2), ALiBi (Bloom) and a longrope past its original length
-    train on one row per (state, candidate), saying so; Q, log pi_ref and log(pi / pi_ref) after training are
-    each pair's plain forward."""
+    """--packing auto (the default): a hybrid (LFM2), ALiBi (Bloom), state-space (Mamba) and a longrope past its
+    original length train on one row per (state, candidate), saying so; Q, log pi_ref and log(pi / pi_ref) after
+    training are each pair's plain forward."""
     policy_dir, critic_dir = save_family(family, tmp_path)
     rollout, records = write_rollout(tmp_path, grow=6)
     assert max(len(r["state_ids"]) + len(a["ids"]) for r in records for a in r["actions"]) > ORIGINAL
@@ -377,7 +381,7 @@ def test_dynamic_rope_past_its_length_is_refused_in_one_line(mode):
                       "log pi(a|s)", mode=mode)
 
 
-@pytest.mark.parametrize("family", ["lfm2", "bloom", "phi3_longrope"])
+@pytest.mark.parametrize("family", ["lfm2", "bloom", "phi3_longrope", "mamba"])
 def test_one_row_per_pair_is_each_pair_alone(family):
     states, actions = random_states()
     model, value_model = policy(family), critic(family)
