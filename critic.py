@@ -146,12 +146,13 @@ def value_alone(critic: Critic, state: list[int], action: list[int]) -> float:
 
 @torch.no_grad()
 def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]],
-                  batch_actions: int = 64) -> list[list[float]]:
+                  batch_actions: int = 64, packed: bool = True) -> list[list[float]]:
     """V(s . a) for every action a of every (state s, [actions]) asked: the value at the action's last token
     (V(s) for an empty action). value_alone's numbers, computed faster and checked equal in
     tests/test_shared_prefix.py::test_q_values_are_the_plain_q_value: each state is read once, its actions packed
     after it in one row (plumbing.shared_prefix); whole states of similar length share a forward pass of about
-    batch_actions actions."""
+    batch_actions actions. packed False: one row per (state, action) instead (pair_values), for a model family
+    whose shared rows differ (check_action_values)."""
     device = next(critic.parameters()).device
     was_training = critic.training
     critic.eval()
@@ -159,7 +160,8 @@ def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]
     values: list[list[float]] = [[] for _ in asked]
     for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
         with autocast(device):
-            flat = iter(packed_values(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
+            values_of = packed_values if packed else pair_values
+            flat = iter(values_of(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
         for i in batch:
             values[i] = [next(flat) for _ in asked[i][1]]
     critic.train(was_training)
@@ -174,6 +176,21 @@ def packed_values(critic: Critic, states: list[list[int]], actions: list[list[li
     v = critic(rows.input_ids, rows.attention_mask(critic.backbone.config),
                position_ids=rows.position_ids).float()  # [B, W]
     return v[rows.last_row, rows.last_col]  # [N]
+
+
+def pair_values(critic: Critic, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
+    """packed_values' numbers with one row per (state, action): the critic's plain forward of s . a, exact for
+    any model family. Pairs of the same length share a forward pass, unpadded: [N]."""
+    device = next(critic.parameters()).device
+    pairs = [s + a for s, acts in zip(states, actions) for a in acts]
+    by_length = collections.defaultdict(list)  # length of s . a -> its pairs
+    for j, ids in enumerate(pairs):
+        by_length[len(ids)].append(j)
+    values = torch.zeros(len(pairs), device=device)  # [N]
+    for group in by_length.values():
+        ids = torch.tensor([pairs[j] for j in group], device=device)  # [b, L]
+        values[group] = critic(ids, torch.ones_like(ids))[:, -1].float()  # [b] V at the last token
+    return values
 
 
 # ============================================================================= the loss
@@ -418,10 +435,13 @@ def values_at(critic: Critic, sequences: list[list[int]], positions: list[list[i
     return values
 
 
-def check_action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]) -> None:
-    """Refuse with one line, before any Q value is used, a critic whose shared-prefix rows do not give the
-    values of each (state, action) alone (plumbing.shared_prefix.check_packing)."""
-    check_packing(critic, packed_values, value_alone, asked, "the critic's V(s . a)", per_token=False)
+def check_action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]], mode: str = "on",
+                        quiet: bool = False) -> bool:
+    """Whether action_values may pack this critic's states and actions (plumbing.shared_prefix.check_packing):
+    mode on refuses with one line, before any Q value is used, a critic whose shared-prefix rows do not give
+    the values of each (state, action) alone; auto says so and answers False (one row per pair); off: False."""
+    return check_packing(critic, packed_values, value_alone, asked, "the critic's V(s . a)", per_token=False,
+                         mode=mode, quiet=quiet)
 
 
 def heldout_metrics(critic: Critic, heldout: list[dict], batch_size: int, bins: int = 10) -> dict:

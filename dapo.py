@@ -19,12 +19,15 @@ completions):
      with fit.jsonl: log(pi_theta / pi_ref) of every training action after training, beside its advantage.
 Steps 1, 4 and 5 read each state once: one row holds the state and then all its candidates, each candidate
 attending to the state and to itself (plumbing.shared_prefix), instead of one row per (state, candidate).
-Before steps 1 and 4, a few states are run both ways: a model family whose rows differ is refused.
+Before steps 1 and 4, a few states are run both ways: for a model family whose rows differ (hybrid and SSM
+layers, ALiBi, a longrope past its original length) the passes take one row per (state, candidate) instead, the
+plain forward of s . a (--packing).
 
 Reading order: the functions of steps 1-5 come first, the plain definitions of Q(s, a) and log pi(a|s)
 (q_value, action_logp: one (state, action) pair at a time) before the packed versions the stage runs
-(q_values, action_logps: the same numbers, faster); below the "machinery" line is what a learner may skip
-(input validation, loading, DDP/FSDP batching, metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
+(q_values, action_logps: the same numbers, faster; pair_logps: the same, one row per pair, where rows cannot be
+packed); below the "machinery" line is what a learner may skip (input validation, loading, DDP/FSDP batching,
+metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
 
     python dapo.py --policy runs/toy/sft --critic runs/toy/iter1/critic --rollout_dir runs/toy/iter1/rollout \\
         --out_dir runs/toy/iter1/actor
@@ -57,6 +60,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
+import inspect
 import os
 import time
 
@@ -72,7 +76,7 @@ from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradi
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
-from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
+from plumbing.shared_prefix import check_packing, pack, PACKING, shared_prefix_rows
 from plumbing.tracking import start_tracking, TrackingConfig
 from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
 from critic import action_values, check_action_values, load_critic, value_alone
@@ -99,6 +103,9 @@ class Config(TrackingConfig):
     grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more time")
     fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
+    packing: str = arg("auto", "auto: each state and its candidates in one row where that gives each pair's own "
+                                "numbers (checked on the run's states), else one row per (state, candidate) | on: "
+                                "one row per state or refuse | off: one row per (state, candidate)")
     critic_batch_size: int = arg(64, "actions per critic forward pass, whole states (Q values, once before training)")
     ref_batch_size: int = arg(64, "actions per forward pass of log pi_ref, whole states (once before training)")
     seed: int = arg(0, "seed of the order of the states")
@@ -112,7 +119,7 @@ class Config(TrackingConfig):
 
 # Settings a rerun may change (where the output goes, speed, logging): none of them changes the actor trained.
 # Any other change is refused (plumbing.runfiles.check_rerun).
-RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size",
+RESUME_IGNORES = ("out_dir", "overwrite", "micro_batch_actions", "critic_batch_size", "ref_batch_size", "packing",
                   "gradient_checkpointing", "log_every", "checkpoint_every", "stop_after", "report_to")
 # The defaults are the paper's settings for 7-8B models; the toy task takes TOY_FLAGS (demo.sh's), which a run of
 # only a few optimizer steps at the default learning rate names (plumbing.trainer.paper_defaults_note).
@@ -219,6 +226,36 @@ def action_logps(model, states: list[list[int]], actions: list[list[list[int]]])
     return torch.zeros(rows.num_actions, device=device).index_add(0, rows.token_action, token_logp)  # [N]
 
 
+def pair_logps(model, states: list[list[int]], actions: list[list[list[int]]]) -> torch.Tensor:
+    """action_logps' numbers with one row per (state, action): the plain forward of s . a, exact for any model
+    family, the state read once per action (stage B takes it where shared rows differ: check_packing). Pairs of
+    the same length share a forward pass, unpadded, so a row holds its pair and nothing else: [N]. Under DDP or
+    FSDP every rank runs as many passes (the count differs with the lengths), as their collectives need."""
+    device = next(model.parameters()).device
+    pairs = [(s, a) for s, acts in zip(states, actions) for a in acts]
+    by_length = collections.defaultdict(list)  # length of s . a -> its pairs
+    for j, (s, a) in enumerate(pairs):
+        by_length[len(s) + len(a)].append(j)
+    passes = [(group, False) for group in by_length.values()]
+    if hasattr(model, "require_backward_grad_sync") or hasattr(model, "set_requires_gradient_sync"):
+        # DDP or FSDP: every pass takes part in collectives, so every rank runs as many (repeats that count zero)
+        count = torch.tensor(len(passes), device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        passes += [(passes[0][0], True)] * (int(count) - len(passes))
+    logps = [None] * len(pairs)  # [N] scalars, every one set below
+    for group, repeat in passes:
+        length = len(pairs[group[0]][0]) + len(pairs[group[0]][1])
+        ids = torch.tensor([pairs[j][0] + pairs[j][1] for j in group], device=device)  # [b, L]
+        n = max(len(pairs[j][1]) for j in group)  # the most action tokens of the group
+        logits = model(input_ids=ids, use_cache=False, **last_logits(model, n + 1)).logits[:, -n - 1:-1]  # [b, n, V]
+        token_logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, length - n:, None]).squeeze(-1)  # [b, n]
+        sizes = torch.tensor([len(pairs[j][1]) for j in group], device=device)  # [b]
+        of_action = torch.arange(n, device=device)[None] >= (n - sizes)[:, None]  # [b, n] a row's last |a| tokens
+        for j, logp in zip(group, (token_logp * of_action).sum(-1)):
+            logps[j] = logps[j] + 0 * logp if repeat else logp  # a repeat joins the graph: its backward runs too
+    return torch.stack(logps) if logps else torch.zeros(0, device=device)  # [N]
+
+
 # ============================================================== step 5: the DAPO loss (eq. 12) and the actor's training
 def dapo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 12: L(theta) = 1/2 E_{s,a} [ (A(s,a)/beta - log(pi_theta(a|s) / pi_ref(a|s)))^2 ], the mean over
@@ -240,9 +277,11 @@ def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list
     return pack(order, sizes, batch_actions)
 
 
-def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int]) -> dict[str, float]:
+def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int],
+               logps=action_logps) -> dict[str, float]:
     """The forward and backward passes of one optimizer step, on this rank's share of a global batch of whole
-    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's."""
+    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's.
+    logps: log pi(a|s) of a batch, action_logps (shared rows) or pair_logps (one row per pair)."""
     step_actions = sum(sizes[i] for i in batch)
     micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
     sums = fit_sums(*[torch.zeros(0, dtype=torch.float64)] * 3)  # the sums over no actions: every rank has every key
@@ -254,7 +293,7 @@ def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], bat
         ref_logp = torch.tensor([r for s in states for r in s["ref_logp"]], device=ddp.device)  # [n]
         sync_gradients(actor, j == len(micro) - 1)  # reduce the gradients once, on the last micro-step
         with autocast(ddp.device):
-            logp = action_logps(actor, [s["state_ids"] for s in states], [s["actions"] for s in states])  # [n]
+            logp = logps(actor, [s["state_ids"] for s in states], [s["actions"] for s in states])  # [n]
         # The mean of eq. 12 over all actions of the step (all ranks): DDP and FSDP average over ranks, hence * world.
         weight = len(advantages) / step_actions * ddp.world_size if group else 0.0
         (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
@@ -265,7 +304,8 @@ def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], bat
     return sums
 
 
-def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float, tracker):
+def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float, tracker,
+                logps=action_logps):
     """Step 5: minimise eq. 12, --epochs passes over the training states in global batches of whole states,
     AdamW with linear decay and gradient clipping, resumed from the run's checkpoint when there is one.
     (the actor, the metrics of every optimizer step), or (the actor, None) when --stop_after stopped it."""
@@ -290,7 +330,7 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     for step in bar:
         lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
         set_lr(optimizer, lr)
-        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step])
+        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step], logps)
         grad_norm = clip_gradients(model, cfg.grad_clip)
         optimizer.step()
         if step == start:  # parameters, gradients and AdamW state all exist now
@@ -344,6 +384,8 @@ def read_inputs(cfg: Config) -> tuple[list[dict], object]:
     if cfg.beta <= 0:
         raise InputError(f"--beta must be positive, got {cfg.beta}")
     path = os.path.join(cfg.rollout_dir, "states.jsonl")
+    if cfg.packing not in PACKING:
+        raise InputError(f"--packing must be auto, on or off, got {cfg.packing}")
     if cfg.q_source not in ("critic", "rollout"):
         raise InputError(f"--q_source must be critic or rollout, got {cfg.q_source}")
     states = read_states(path, completion_rewards=cfg.q_source == "rollout")
@@ -361,12 +403,13 @@ def read_inputs(cfg: Config) -> tuple[list[dict], object]:
     return states, tok
 
 
-def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> list[list[float]]:
-    """Step 1 with the critic of critic.py, loaded for this and freed on return."""
+def critic_q_values(cfg: Config, device: torch.device, states: list[dict], is_main: bool = True) -> list[list[float]]:
+    """Step 1 with the critic of critic.py, loaded for this and freed on return; its states and actions packed
+    in shared rows where that is exact (--packing)."""
     critic = load_critic(cfg.critic, device)
-    check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
-                                 for s in states])
-    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size)  # noqa: E731
+    packed = check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
+                                          for s in states], cfg.packing, quiet=not is_main)
+    values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size, packed=packed)  # noqa: E731
     q = q_values(states, lambda asked: on_all_ranks(values, asked))
     critic = None  # empty the closure's cell too, so the memory is released before empty_cache
     gc.collect()
@@ -376,21 +419,27 @@ def critic_q_values(cfg: Config, device: torch.device, states: list[dict]) -> li
 
 
 @torch.no_grad()
-def reference_logps(model, states: list[dict], batch_actions: int, desc: str | None) -> list[list[float]]:
+def reference_logps(model, states: list[dict], batch_actions: int, desc: str | None,
+                    logps=action_logps) -> list[list[float]]:
     """Step 4: log pi_ref(a|s) of every action of every state ({state_ids, actions}), whole states of similar
-    length packed into forward passes of about batch_actions actions."""
+    length packed into forward passes of about batch_actions actions (logps: action_logps or pair_logps)."""
     sizes = [len(s["actions"]) for s in states]
     order = sorted(range(len(states)), key=lambda i: len(states[i]["state_ids"]) + sum(map(len, states[i]["actions"])))
     out: list[list[float]] = [[] for _ in states]
     device = next(model.parameters()).device
     for batch in progress(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
         with autocast(device):
-            logp = action_logps(model, [states[i]["state_ids"] for i in batch],
-                                [states[i]["actions"] for i in batch])  # [n]
+            logp = logps(model, [states[i]["state_ids"] for i in batch], [states[i]["actions"] for i in batch])  # [n]
         flat = iter(logp.tolist())
         for i in batch:
             out[i] = [next(flat) for _ in states[i]["actions"]]
     return out
+
+
+def last_logits(model, keep: int) -> dict:
+    """The forward's argument that computes only the last `keep` columns of logits, for a model that takes it."""
+    forward = getattr(model, "module", model).forward  # under DDP the model is wrapped
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
 def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:
@@ -439,7 +488,8 @@ def fit_metrics(sums: dict[str, float]) -> dict:
 
 
 @torch.no_grad()
-def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions: int, ddp) -> list[dict]:
+def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions: int, ddp,
+                       logps=action_logps) -> list[dict]:
     """Per training state, its advantages and log(pi_theta / pi_ref) of its candidates after training, on every
     rank. The states are split over the ranks as in training (rank_micro_batches: every rank runs as many
     passes, which a sharded model needs), then gathered."""
@@ -448,7 +498,7 @@ def fit_after_training(actor, train: list[dict], sizes: list[int], batch_actions
     for group in rank_micro_batches(list(range(len(train))), sizes, batch_actions, ddp.rank, ddp.world_size):
         batch = [train[i] for i in group or [0]]  # an empty micro-batch computes on state 0 and keeps nothing
         with autocast(ddp.device):
-            logp = action_logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
+            logp = logps(actor, [s["state_ids"] for s in batch], [s["actions"] for s in batch])  # [n]
         flat = iter(logp.float().tolist())
         for i in group:
             mine[i] = [next(flat) - r for r in train[i]["ref_logp"]]
@@ -529,7 +579,8 @@ def main() -> None:
     if prepared is None:
         # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
         # (4 bytes per parameter, not 16), and each rank works through its share of the states alone.
-        q = critic_q_values(cfg, ddp.device, states) if cfg.q_source == "critic" else rollout_q_values(states)
+        q = (critic_q_values(cfg, ddp.device, states, ddp.is_main) if cfg.q_source == "critic"
+             else rollout_q_values(states))
         prepared = {"key": training.inputs, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
     elif ddp.is_main:
         print(f"reusing Q values, advantages and log pi_ref from {os.path.join(training.work_dir, CACHE)}")
@@ -539,30 +590,33 @@ def main() -> None:
     # ALGORITHM 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank
     # computes its share on its own, whole copy, so no rank waits for another): no second model in memory.
     model = load_causal_lm(cfg.policy, ddp.device)
-    # MACHINERY: a model family whose packed rows differ from action_logp is refused.
-    check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train], "log pi(a|s)")
+    # MACHINERY: shared rows where they give action_logp's numbers, else one row per pair (--packing).
+    packed = check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train],
+                           "log pi(a|s)", mode=cfg.packing, quiet=not ddp.is_main)
+    logps = action_logps if packed else pair_logps
     if "ref_logp" not in train[0]:
         model.eval()
         ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
-                                                              "log pi_ref" if ddp.is_main else None), train)
+                                                              "log pi_ref" if ddp.is_main else None, logps), train)
         for s, ref_logp in zip(train, ref_logps, strict=True):
             s["ref_logp"] = ref_logp
         training.save_cache(CACHE, prepared)
 
     # ALGORITHM 5. Train the actor on eq. 12.
     t0 = time.time()
-    actor, log = train_actor(cfg, ddp, training, model, train, t0, tracker)
+    actor, log = train_actor(cfg, ddp, training, model, train, t0, tracker, logps)
     if log is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint
         cleanup_distributed()
         return
 
     # ALGORITHM 6. How far the actor got towards eq. 12's target (train_log.jsonl measures each step before its
     # update), then the actor. MACHINERY: the run files and the rerun rule.
-    fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp)
+    fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp, logps)
     save_actor(cfg, ddp, model, tok, states, train, log, fit, t0)
     report_fit(tracker, cfg, tok, states, prepared["q_values"], fit, len(log))
     training.finish()
     cleanup_distributed()
+
 
 if __name__ == "__main__":
     run(main)

@@ -1,5 +1,6 @@
 """Shared-prefix rows: one row per state holding the state once and then every candidate action after it, and
-the guard (check_packing) that refuses a model family whose rows do not give what each pair alone gives."""
+the guard (check_packing) that finds a model family whose rows do not give what each pair alone gives (stage B
+then runs one row per pair, or refuses)."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,9 +56,8 @@ class SharedPrefixRows:
         unknown = kinds - {"full_attention", "sliding_attention"}
         if unknown:
             raise InputError(f"model family {config.model_type}: its layer types {', '.join(sorted(unknown))} take no "
-                             f"block attention mask, so stage B cannot pack its states and candidates into rows; "
-                             f"use a model whose layers are all (full or sliding-window) attention "
-                             f"(docs/pipeline.md, 'Stage B reads each state once')")
+                             f"block attention mask, so its states and candidates cannot share rows (docs/pipeline.md, "
+                             f"'Stage B reads each state once')")
         as_mask = functools.partial(self._as_mask, eager=implementation == "eager")
         if not kinds:
             return as_mask(self.within_window(window) if window else self.allowed)
@@ -126,7 +126,7 @@ def pack(indices: list[int], sizes: list[int], limit: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-# ============================================================================= the guard: rows equal pairs, or refuse
+# =================================================================== the guard: rows equal pairs, or one row per pair
 # Largest |shared row - pair alone| accepted, per unit of the compared number: rounding of the parameters' dtype
 # (the check runs without autocast), far below what a mask that a layer ignores gives (whole nats, tenths of V).
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -137,7 +137,8 @@ UNPACKABLE = ("layers that ignore the attention mask (linear attention, convolut
 def checked_rows(asked: list[tuple[list[int], list[list[int]]]], per_state: int = 4) -> list[tuple]:
     """A few real (state, actions) of a run that make every way of going wrong show: the two that reach the
     furthest position (a window), and the shortest (left padding beside them); each with its longest
-    actions, at least two (a candidate must not see the one before it), borrowed from the others if need be."""
+    actions and its shortest (beside longer rows: a position scheme that depends on the batch), at least two
+    (a candidate must not see the one before it), borrowed from the others if need be."""
     asked = [(s, acts) for s, acts in asked if acts]
     reach = lambda i: len(asked[i][0]) + max(map(len, asked[i][1]))  # noqa: E731
     order = sorted(range(len(asked)), key=reach)
@@ -146,26 +147,60 @@ def checked_rows(asked: list[tuple[list[int], list[list[int]]]], per_state: int 
     rows = []
     for i in chosen:
         state, actions = asked[i]
-        actions = sorted(map(list, dict.fromkeys(map(tuple, actions))), key=len)[-per_state:]
+        by_length = sorted(map(list, dict.fromkeys(map(tuple, actions))), key=len)
+        actions = by_length[:1] + by_length[1:][-per_state:]
         actions += [a for a in spare if a not in actions][:max(0, 2 - len(actions))]
         rows.append((state, actions))
     return rows
 
 
-def check_packing(model, packed, alone, asked: list[tuple[list[int], list[list[int]]]], what: str,
-                  per_token: bool = True) -> None:
-    """Stop with one line (InputError) unless shared-prefix rows give what each (state, action) run alone
-    gives, on a few real states of the run (checked_rows): packed(model, states, actions) -> [N] from rows,
-    alone(model, state, action) -> the number from the plain sequence s . a. Both run in the parameters'
-    dtype without autocast, so a difference is a different computation, not rounding: a model family that
-    the rows cannot hold (UNPACKABLE) is refused before any number of it is used, named or not, including
-    one whose forward fails on the rows' 4-D mask. `model` is a transformers model or holds one as
-    .backbone (the critic); per_token: the tolerance grows with the action's length (a sum of log-probs)."""
+def rope_limit(config) -> tuple[str, int] | None:
+    """(rope type, L) when the model's rotary frequencies depend on the longest sequence of a forward pass,
+    L the longest sequence whose frequencies never change; None when they never depend on it. Of transformers'
+    rope types (modeling_rope_utils.dynamic_rope_update) two do: longrope (Phi-3-128k, Phi-3.5, Phi-4-mini)
+    switches every position of the pass to its long frequencies once a position reaches
+    original_max_position_embeddings, and dynamic rescales them past max_position_embeddings and remembers the
+    longest sequence it has seen. default, linear, yarn, llama3 and proportional are fixed at load time, but
+    PhiMoE's own rotary class switches its scale past original_max_position_embeddings for any rope type but
+    default. A config with one rope setting per layer type gives the smallest L of its layers."""
+    config = config.get_text_config(decoder=True)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    settings = [params] if "rope_type" in params or "type" in params else [
+        p for p in params.values() if isinstance(p, dict)]  # one per layer type
+    limits = []
+    for p in settings:
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind == "longrope" or (kind != "default" and getattr(config, "model_type", None) == "phimoe"):
+            original = p.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None)
+            limits += [(kind, original)] if original else []
+        elif "dynamic" in kind:
+            limits.append((kind, config.max_position_embeddings))
+    return min(limits, key=lambda limit: limit[1]) if limits else None
+
+
+def packing_problem(model, packed, alone, asked: list[tuple[list[int], list[list[int]]]], what: str,
+                    per_token: bool = True) -> str | None:
+    """Why shared-prefix rows do not give what each (state, action) run alone gives, on this run (None: they
+    do): a rope type whose frequencies depend on the batch, with pairs of the run past the length where they
+    stay fixed (rope_limit), or a difference on a few real states of the run (checked_rows):
+    packed(model, states, actions) -> [N] from rows, alone(model, state, action) -> the number from the plain
+    sequence s . a. Both run in the parameters' dtype without autocast, so a difference is a different
+    computation, not rounding: a model family that the rows cannot hold (UNPACKABLE) is found before any number
+    of it is used, named or not, including one whose forward fails on the rows' 4-D mask. `model` is a
+    transformers model or holds one as .backbone (the critic); per_token: the tolerance grows with the
+    action's length (a sum of log-probs)."""
     config = getattr(model, "backbone", model).config
     family = f"model family {config.model_type} ({type(getattr(model, 'backbone', model)).__name__})"
+    asked = [(s, acts) for s, acts in asked if acts]
+    if not asked:
+        return None
+    rope, longest = rope_limit(config), max(len(s) + max(map(len, acts)) for s, acts in asked)
+    if rope and longest > rope[1]:
+        return (f"{family}: its {rope[0]} RoPE switches every position to other frequencies once a forward pass "
+                f"holds more than {rope[1]} tokens, and this run has (state, action) pairs of up to {longest}: "
+                f"in a shared row a short pair would get the frequencies of the longest pair beside it")
     rows = checked_rows(asked)
-    if not rows:
-        return
     states, actions = [s for s, _ in rows], [acts for _, acts in rows]
     parameter = next(model.parameters())
     was_training = model.training
@@ -174,20 +209,59 @@ def check_packing(model, packed, alone, asked: list[tuple[list[int], list[list[i
         with torch.no_grad(), torch.autocast(parameter.device.type, enabled=False):
             got = packed(model, states, actions).float().cpu()  # [N]
             want = torch.tensor([alone(model, s, a) for s, acts in rows for a in acts])  # [N]
-    except (InputError, torch.OutOfMemoryError):
+    except torch.OutOfMemoryError:
         raise
+    except InputError as e:  # the rows' mask refused: an attention kernel or layer types that take no such mask
+        return str(e)
     except Exception as e:  # any other failure of a model on the rows is its family's, and says so
-        raise InputError(f"{family}: its forward fails on shared-prefix rows for {what} ({type(e).__name__}: "
-                         f"{str(e)[:200]}): stage B cannot pack this model ({UNPACKABLE}); use a model family "
-                         "checked in docs/pipeline.md ('Stage B reads each state once')") from None
+        return (f"{family}: its forward fails on shared-prefix rows for {what} ({type(e).__name__}: "
+                f"{str(e)[:200]}), as for {UNPACKABLE}")
     finally:
         model.train(was_training)
     unit = TOLERANCE.get(parameter.dtype, TOLERANCE[torch.bfloat16])
     tolerance = torch.tensor([unit * (10 + (len(a) if per_token else 0)) for acts in actions for a in acts])  # [N]
     gap = (got - want).abs()  # [N]
     if not bool((gap <= tolerance).all()):
-        raise InputError(f"{family}: shared-prefix rows give {what} up to {gap.max().item():.3g} away from each "
-                         f"(state, action) run alone (tolerance {tolerance.max().item():.2g} in {parameter.dtype}, "
-                         f"{len(gap)} actions of {len(rows)} states of this run): stage B cannot pack this model "
-                         f"({UNPACKABLE}); use a model family checked in docs/pipeline.md "
-                         "('Stage B reads each state once')")
+        return (f"{family}: shared-prefix rows give {what} up to {gap.max().item():.3g} away from each "
+                f"(state, action) run alone (tolerance {tolerance.max().item():.2g} in {parameter.dtype}, "
+                f"{len(gap)} actions of {len(rows)} states of this run), as for {UNPACKABLE}")
+    return None
+
+
+PACKING = ("auto", "on", "off")  # the choices of --packing
+
+
+def refuse_remembered_rope(config, asked: list[tuple[list[int], list[list[int]]]]) -> None:
+    """Stop with one line when a pair of the run is longer than a dynamic RoPE's max_position_embeddings: such
+    a model rescales every position of a longer pass and remembers the longest pass it has seen, so no forward,
+    packed or alone, gives the pair's own numbers (each depends on what the model read before)."""
+    rope = rope_limit(config)
+    longest = max((len(s) + max(map(len, acts)) for s, acts in asked if acts), default=0)
+    if rope and "dynamic" in rope[0] and longest > rope[1]:
+        raise InputError(f"model family {config.model_type}: its {rope[0]} RoPE rescales every position once a "
+                         f"forward pass holds more than {rope[1]} tokens and remembers the longest pass it has seen, "
+                         f"and this run has (state, action) pairs of up to {longest} tokens: no forward gives such a "
+                         f"pair its own numbers; keep every state and its steps within {rope[1]} tokens")
+
+
+def check_packing(model, packed, alone, asked: list[tuple[list[int], list[list[int]]]], what: str,
+                  per_token: bool = True, mode: str = "on", quiet: bool = False) -> bool:
+    """Whether stage B packs this model's (state, action) pairs into shared-prefix rows (True) or runs one row
+    per pair, the plain forward of s . a (False: exact for any model family, slower). mode on: pack, or stop
+    with one line (InputError) naming the family and why, before any number of it is used (packing_problem);
+    auto: pack where that is exact, else say so in one line (unless quiet) and run one row per pair; off: one
+    row per pair, unchecked."""
+    refuse_remembered_rope(getattr(model, "backbone", model).config, asked)
+    if mode == "off":
+        return False
+    problem = packing_problem(model, packed, alone, asked, what, per_token)
+    if problem is None:
+        return True
+    if mode == "on":
+        raise InputError(f"{problem}: stage B cannot pack this model; use --packing auto (one row per (state, "
+                         "action): exact, slower) or a model family checked in docs/pipeline.md ('Stage B reads "
+                         "each state once')")
+    if not quiet:
+        print(f"{problem}: so stage B runs one row per (state, action) for {what} (the plain forward: exact, "
+              "slower)")
+    return False

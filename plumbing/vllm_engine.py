@@ -155,9 +155,15 @@ def vllm_generate(engine: VllmEngine, prompts: list[list[int]], *, eos_ids: set[
     outputs = engine.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in todo], params, use_tqdm=bar)
     results = [Generation([], "length") for _ in prompts]
     for i, out in zip(todo, outputs):
-        ids = list(out.outputs[0].token_ids)
-        if any(t >= vocab for t in ids):  # the logit bias makes this impossible; a vLLM that ignored it is caught
-            raise RuntimeError(f"vLLM sampled an id outside the tokenizer's {vocab}: {max(ids)}")
-        stopped = out.outputs[0].finish_reason == "stop"
-        results[i] = Generation(ids, "eos" if stopped else "length")
+        results[i] = generation_of(out, eos, vocab)
     return results
+
+
+def generation_of(output, eos_ids: set[int], vocab: int) -> Generation:
+    """A vLLM RequestOutput as the HF engine's Generation. The finish is read from the last token, as the HF
+    engine decides it: "eos" when it is an EOS id, whatever vLLM's finish_reason says (versions whose check_stop
+    tests the length cap before the stop ids say "length" for an EOS drawn as the last allowed token)."""
+    ids = list(output.outputs[0].token_ids)
+    if any(t >= vocab for t in ids):  # the logit bias makes this impossible; a vLLM that ignored it is caught
+        raise RuntimeError(f"vLLM sampled an id outside the tokenizer's {vocab}: {max(ids)}")
+    return Generation(ids, "eos" if ids and ids[-1] in eos_ids else "length")

@@ -376,6 +376,18 @@ def test_fsdp_two_ranks_equal_one_process(actor, fsdp_actor, toy_dir):
     assert json.load(open(fsdp_out / "config.json"))["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_one_row_per_pair_on_two_ranks_equals_packed_rows_in_one_process(actor, toy_dir, toy_rollout, toy_critic,
+                                                                         tmp_path, sharding):
+    """--packing off (dapo.pair_logps, one row per (state, action)) under DDP and FSDP: the ranks' passes differ in
+    number (pairs of one length share one), so repeats that count zero even them out; the actor equals the packed
+    rows' in one process."""
+    out, _ = actor
+    train(toy_dir, toy_rollout, toy_critic, tmp_path / sharding, "--packing", "off",
+          *(FSDP if sharding == "fsdp" else []), torchrun=True)
+    assert_same_training(out, tmp_path / sharding, toy_dir / "sft")
+
+
 def test_resume_after_a_kill_gives_the_same_actor(actor, toy_dir, toy_rollout, toy_critic, tmp_path):
     out, _ = actor
     proc = train(toy_dir, toy_rollout, toy_critic, tmp_path / "actor", "--stop_after", "1")

@@ -372,12 +372,50 @@ def test_a_nucleus_wider_than_the_first_top_k_is_the_formula():
             assert min(expected.count_nonzero(-1)) < 64 < max(expected.count_nonzero(-1)), top_p
 
 
+def test_an_exact_hit_of_top_p_ends_the_nucleus():
+    """p = (0.5, 0.5) at top_p 0.5: the first token's mass reaches top_p, so the nucleus is that token alone."""
+    logits = torch.zeros(2000, 2)  # [B, V]
+    probs, ids = generation.tempered_nucleus(logits, 1.0, 0.5)
+    assert (probs > 0).sum(-1).tolist() == [1] * 2000
+    assert len(set(generation.sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(0)).tolist())) == 1
+
+
+def test_the_nucleus_is_transformers_top_p_on_ties():
+    """Rows whose masses hit top_p exactly (powers of two: no rounding) and ties at its edge: tempered_nucleus
+    keeps as many tokens, of the same probabilities, as transformers' TopPLogitsWarper (whose rule vLLM's sampler
+    follows: a token goes when the mass below and at it is at most 1 - top_p)."""
+    from transformers import TopPLogitsWarper
+
+    rows = [[0.5, 0.5], [0.25] * 4, [0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.125, 0.25], [0.0625] * 16]
+    for row in rows:
+        logits = torch.tensor([row]).log()  # [1, V]
+        for top_p in (0.125, 0.25, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.99):
+            probs, ids = generation.tempered_nucleus(logits, 1.0, top_p)  # [1, K]
+            ours = sorted(probs[probs > 0].tolist())
+            kept = TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()  # [1, V]
+            assert ours == sorted(torch.tensor(row)[kept[0]].tolist()), (row, top_p)
+
+
 def test_draw_follows_the_weights_and_never_draws_a_zero():
     weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]]).repeat_interleave(20000, 0)
     drawn = generation.draw(weights, torch.Generator().manual_seed(0))  # [40000]
     first, second = drawn[:20000], drawn[20000:]
     assert set(first.tolist()) == {1, 3} and set(second.tolist()) == {0}
     assert within_bound((first == 1).double().mean().item(), 0.75, 20000)
+
+
+def test_draw_error_is_bounded():
+    """What draw's docstring says of its fp32 arithmetic, replayed over every uniform torch.rand can give
+    (multiples of 2^-24): no token is off by more than 1.2e-7, and the total variation grows with the vocabulary
+    (tokens below 2^-24 get 0 or 2^-24) to 1.5e-3 at 152k; here a 4k-token row."""
+    weights = torch.softmax(torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)) * 2, -1)  # [1, V]
+    cdf = weights.cumsum(-1)  # [1, V] as draw computes it
+    uniforms = torch.arange(2**24, dtype=torch.float32)[:, None] * 2**-24  # [2^24, 1]
+    u = torch.minimum(uniforms * cdf[:, -1:], torch.nextafter(cdf[:, -1:], torch.zeros(1, 1)))  # [2^24, 1]
+    drawn = torch.searchsorted(cdf, u.T, right=True)[0]  # [2^24] what draw returns for each uniform
+    exact = weights[0].double() / weights.double().sum()  # [V]
+    error = (torch.bincount(drawn, minlength=4096).double() / 2**24 - exact).abs()  # [V]
+    assert error.max() <= 1.2e-7 and 0.5 * error.sum() < 4096 * 2**-25
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from test_eval import HANG_IN_THE_5TH_GRADING  # eval.py whose 5th grading never
 
 from grading import grade_batch
 from plumbing.distributed import Dist
-from plumbing.generation import generate as hf_generate
+from plumbing.generation import Generation, generate as hf_generate
 from plumbing.models import build_prompt_ids, eos_token_ids, load_causal_lm, load_tokenizer
 from plumbing.vllm_engine import EngineConfig
 
@@ -129,6 +129,26 @@ def test_budgets_and_every_eos_id(engines):
     for v in vllm:
         assert v.finish in ("eos", "length") and equals not in v.ids[:-1] and tok.eos_token_id not in v.ids[:-1]
         assert v.finish == "length" or v.ids[-1] in (equals, tok.eos_token_id)
+
+
+def test_an_eos_drawn_as_the_last_allowed_token_is_a_finish_by_eos():
+    """Without vLLM: a fake RequestOutput as vLLM versions give it whose check_stop tests the length cap before
+    the stop ids (finish_reason "length" for an EOS on the last allowed token). Graded by its last token, as the
+    HF engine grades it: "eos"; a cut one stays "length", whatever vLLM says."""
+    from types import SimpleNamespace
+
+    from plumbing.vllm_engine import generation_of
+
+    def fake(ids, reason):
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason=reason)])
+
+    eos = {2, 7}
+    assert generation_of(fake([5, 6, 2], "length"), eos, 10) == Generation([5, 6, 2], "eos")
+    assert generation_of(fake([5, 7], "stop"), eos, 10) == Generation([5, 7], "eos")
+    assert generation_of(fake([5, 6, 4], "length"), eos, 10) == Generation([5, 6, 4], "length")
+    assert generation_of(fake([], "length"), eos, 10) == Generation([], "length")
+    with pytest.raises(RuntimeError, match="outside the tokenizer"):
+        generation_of(fake([5, 12], "length"), eos, 10)
 
 
 @needs_vllm
