@@ -48,18 +48,41 @@ def test_critic_and_actor_report_every_step_to_tensorboard(toy_dir, toy_rollout,
     assert "| A / beta | log pi/pi_ref |" in texts["actor/fit/text_summary"]
 
 
-def test_a_tracker_that_is_not_installed_is_one_line(toy_dir, toy_rollout, tmp_path):
-    proc = run_script("critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"),
-                      "--out_dir", str(tmp_path / "c"), "--report_to", "wandb", check=False, env=ONE_THREAD)
-    try:
-        import wandb  # noqa: F401
-        pytest.skip("wandb is installed here")
-    except ImportError:
-        pass
-    assert proc.returncode == 2 and proc.stderr == ("error: --report_to wandb needs the package wandb, which is not "
-                                                    "installed: pip install wandb\n"), proc.stderr
+def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
+    import importlib.util
+
+    from plumbing.cli import InputError
+    from plumbing.tracking import TrackingConfig
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    with pytest.raises(InputError) as e:
+        TrackingConfig(report_to="wandb")
+    assert str(e.value) == "--report_to wandb needs the package wandb, which is not installed: pip install wandb"
     proc = run_script("dapo.py", "--report_to", "mlflow", check=False)
     assert proc.returncode == 2 and "--report_to must be one of none, tensorboard, wandb, got 'mlflow'" in proc.stderr
+
+
+def test_critic_and_actor_report_to_wandb_offline(toy_dir, toy_rollout, tmp_path):
+    """wandb with no account and no network (WANDB_MODE=offline): every stage finishes, each leaves its offline
+    run, with the critic's calibration and the actor's fit and states as tables at their last step."""
+    pytest.importorskip("wandb")
+    env = {**ONE_THREAD, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    critic = tmp_path / "critic"
+    run_script("critic.py", "--rollout_dir", str(toy_rollout), "--init", str(toy_dir / "sft"), "--out_dir", str(critic),
+               "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "2", "--lr", "1e-3",
+               "--heldout_fraction", "0.25", "--report_to", "wandb", env=env)
+    run_script("dapo.py", "--policy", str(toy_dir / "sft"), "--critic", str(critic), "--rollout_dir", str(toy_rollout),
+               "--out_dir", str(tmp_path / "actor"), "--global_batch_actions", "16", "--micro_batch_actions", "16",
+               "--lr", "1e-4", "--beta", "0.3", "--min_gap", "0.05", "--report_to", "wandb", env=env)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(list(r.glob("*.wandb")) for r in runs)
+    steps = json.loads((critic / "metrics.json").read_text())["steps"]
+    tables = {p.name.split("_")[0]: (p, json.loads(p.read_text())) for r in runs for p in r.rglob("*.table.json")}
+    assert tables["calibration"][0].name.startswith(f"calibration_{steps}_")
+    assert tables["calibration"][1]["columns"] == ["predicted V", "states", "mean V", "mean MC label"]
+    assert tables["states"][1]["columns"] == ["state (its end)", "candidate action", "Q", "advantage"]
+    assert tables["fit"][1]["columns"] == ["A / beta", "log pi/pi_ref"] and tables["fit"][1]["data"]
 
 
 def test_rollout_and_eval_report_their_summaries_to_tensorboard(toy_dir, tmp_path):
