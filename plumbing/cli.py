@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 from typing import Any, Callable
 
@@ -79,6 +80,10 @@ def run(main: Callable[[], Any]) -> None:
     """Call main(); turn an InputError into one clear line on stderr and a non-zero exit."""
     try:
         main()
+        # Free what main() left in reference cycles (an FSDP model, its optimizer) while the interpreter is whole: torn
+        # down during interpreter exit instead, their process-group threads have aborted a rank after its work was
+        # written ("terminate called without an active exception", seen in CI under torchrun --fsdp).
+        gc.collect()
     except InputError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever it wraps
         if dist.is_initialized():
