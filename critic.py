@@ -47,18 +47,18 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 
 from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
-                                  setup_distributed, sync_gradients)
+                                  passes_in_step, setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
-                             load_pretrained, load_tokenizer)
+                             gguf_source, load_pretrained, load_sharded, load_tokenizer, set_precision)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
 from plumbing.tracking import start_tracking, TrackingConfig
-from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
+from plumbing.trainer import lr_at, paper_defaults_note, report_peak_memory, set_lr, TrainingRun
 
 HEAD_FILE = "value_head.pt"
 
@@ -82,7 +82,10 @@ class Config(TrackingConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more compute")
-    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2), "
+                            "loading the model straight into the shards")
+    precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU | bf16: bf16 autocast everywhere "
+                                 "(on the CPU it emulates a GPU run) | fp32: no autocast; master weights stay fp32")
     heldout_fraction: float = arg(0.05, "fraction of QUESTIONS held out for the metrics (0: none)")
     eval_batch_size: int = arg(64, "solutions per forward pass when measuring the held-out metrics")
     seed: int = arg(0, "seed of the data order")
@@ -132,8 +135,9 @@ class Critic(torch.nn.Module):
         mask is a [B, T] padding mask, or a 4-D mask with its position ids (plumbing.shared_prefix)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state  # [B, T, H]
-        logits = self.value_head(hidden).squeeze(-1)  # [B, T]
-        return logits if return_logits else torch.sigmoid(logits)
+        with torch.autocast(hidden.device.type, enabled=False):  # the head and the sigmoid in fp32, under bf16 too
+            logits = self.value_head(hidden.float()).squeeze(-1)  # [B, T]
+            return logits if return_logits else torch.sigmoid(logits)
 
 
 # ================================================ V(s . a) for stage B: the plain definition, then each state read once
@@ -158,11 +162,13 @@ def action_values(critic: Critic, asked: list[tuple[list[int], list[list[int]]]]
     critic.eval()
     order = sorted(range(len(asked)), key=lambda i: len(asked[i][0]) + sum(map(len, asked[i][1])))
     values: list[list[float]] = [[] for _ in asked]
-    for batch in pack(order, [len(actions) for _, actions in asked], batch_actions):
+    batches = pack(order, [len(actions) for _, actions in asked], batch_actions)
+    batches += [None] * (passes_in_step(critic, len(batches)) - len(batches))  # FSDP: as many passes on every rank
+    for batch in batches:
+        states, actions = ([asked[i][0] for i in batch], [asked[i][1] for i in batch]) if batch else ([[0]], [[[0]]])
         with autocast(device):
-            values_of = packed_values if packed else pair_values
-            flat = iter(values_of(critic, [asked[i][0] for i in batch], [asked[i][1] for i in batch]).tolist())
-        for i in batch:
+            flat = iter((packed_values if packed else pair_values)(critic, states, actions).tolist())
+        for i in batch or []:
             values[i] = [next(flat) for _ in asked[i][1]]
     critic.train(was_training)
     return values
@@ -187,7 +193,8 @@ def pair_values(critic: Critic, states: list[list[int]], actions: list[list[list
     for j, ids in enumerate(pairs):
         by_length[len(ids)].append(j)
     values = torch.zeros(len(pairs), device=device)  # [N]
-    for group in by_length.values():
+    groups = list(by_length.values())
+    for group in groups + [groups[0][:1]] * (passes_in_step(critic, len(groups)) - len(groups)):  # FSDP: in step
         ids = torch.tensor([pairs[j] for j in group], device=device)  # [b, L]
         values[group] = critic(ids, torch.ones_like(ids))[:, -1].float()  # [b] V at the last token
     return values
@@ -280,6 +287,7 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
     disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
     model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
     optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    report_peak_memory("optimizer built")  # only with $DAPO_PEAK_MEMORY_FILE set (a diagnostic)
     meta = training.resume(critic, optimizer)
     step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
     if ddp.is_main:
@@ -369,10 +377,10 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
-    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone."""
-    source = cfg.init_critic or cfg.init
-    critic = load_critic(source, device) if cfg.init_critic else Critic.from_backbone(source, device)
+def build_critic(cfg: Config, ddp, solutions: list[dict]) -> Critic:
+    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone; under
+    --fsdp sharded as it is loaded."""
+    critic = load_critic_for(cfg.init_critic or cfg.init, ddp, cfg.fsdp, fresh=not cfg.init_critic)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in solutions for t in s["ids"]) >= vocab:
         raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
@@ -397,12 +405,37 @@ def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = No
 
 def load_critic(path: str, device) -> Critic:
     """The critic saved by save_critic, ready for training or inference."""
+    critic = Critic.from_backbone(path, device)
+    critic.value_head.load_state_dict(read_head(path, device))
+    return critic
+
+
+def read_head(path: str, device) -> dict[str, torch.Tensor]:
+    """The value head's weights in a critic directory (after checking that path is one)."""
     check_model_path(path, "critic")
     if not os.path.isfile(os.path.join(path, HEAD_FILE)):
         raise InputError(f"{path}: not a critic directory (no {HEAD_FILE}); train one with critic.py")
-    critic = Critic.from_backbone(path, device)
-    critic.value_head.load_state_dict(torch.load(os.path.join(path, HEAD_FILE), map_location=device, weights_only=True))
-    return critic
+    return torch.load(os.path.join(path, HEAD_FILE), map_location=device, weights_only=True)
+
+
+def load_critic_for(path: str, ddp, fsdp: bool, fresh: bool = False) -> Critic:
+    """The critic of a critic directory (fresh: a fresh value head on the backbone of a causal LM) for this run:
+    whole, or under torchrun with fsdp sharded over the ranks as it is loaded (plumbing.models.load_sharded: no
+    rank holds a whole copy)."""
+    import torch.distributed as dist
+
+    if not (fsdp and dist.is_initialized()):
+        return Critic.from_backbone(path, ddp.device) if fresh else load_critic(path, ddp.device)
+    from transformers import AutoModel
+
+    check_model_path(path, "critic backbone")
+    if fresh:  # zeros, as Critic.__init__ gives
+        source, gguf = gguf_source(path)
+        hidden = AutoConfig.from_pretrained(source, **gguf).hidden_size
+        head = {"weight": torch.zeros(1, hidden), "bias": torch.zeros(1)}
+    else:
+        head = read_head(path, "cpu")
+    return load_sharded(path, AutoModel, ddp, wrap=Critic, extra={f"value_head.{k}": v for k, v in head.items()})
 
 
 def pad_right(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,6 +523,7 @@ def main() -> None:
     # MACHINERY: settings, DDP, the rerun rule. ALGORITHM 1-2: the solutions with their MC labels, held-out
     # questions set aside (read and checked in full before anything is written).
     cfg = parse_config(Config)
+    set_precision(cfg.precision)
     ddp = setup_distributed()
     set_seed(cfg.seed)
     train, heldout = read_inputs(cfg, ddp.world_size)
@@ -504,7 +538,7 @@ def main() -> None:
     # ALGORITHM 3-4. The critic, trained on the MC labels: one forward pass per solution gives V at every step
     # boundary.
     tok = load_tokenizer(source)
-    critic = build_critic(cfg, ddp.device, train + heldout)
+    critic = build_critic(cfg, ddp, train + heldout)
     t0 = time.time()
     loss = train_critic(cfg, ddp, training, critic, train, heldout, t0, tracker)
     if loss is None:  # MACHINERY: stopped by --stop_after, leaving only the checkpoint

@@ -67,19 +67,20 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import set_seed
+from transformers import AutoModelForCausalLM, set_seed
 
 from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
-from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
-                                  on_all_ranks, setup_distributed, sync_gradients)
+from plumbing.distributed import (all_ranks_max, all_ranks_sum, cleanup_distributed, clip_gradients, distribute,
+                                  held_per_rank, is_sharded, on_all_ranks, passes_in_step, setup_distributed,
+                                  sync_gradients)
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
-                             load_tokenizer)
+                             load_sharded, load_tokenizer, set_precision)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
 from plumbing.shared_prefix import check_packing, pack, PACKING, shared_prefix_rows
 from plumbing.tracking import start_tracking, TrackingConfig
-from plumbing.trainer import lr_at, paper_defaults_note, set_lr, TrainingRun
-from critic import action_values, check_action_values, load_critic, value_alone
+from plumbing.trainer import lr_at, paper_defaults_note, report_peak_memory, set_lr, TrainingRun
+from critic import action_values, check_action_values, load_critic_for, value_alone
 
 
 @dataclasses.dataclass
@@ -102,7 +103,11 @@ class Config(TrackingConfig):
     weight_decay: float = arg(0.0, "AdamW weight decay")
     grad_clip: float = arg(1.0, "clip the gradient norm of each optimizer step to this (0: no clipping)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass: less memory, more time")
-    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2)")
+    fsdp: bool = arg(False, "under torchrun: shard parameters, gradients and AdamW state over the ranks (FSDP2), "
+                            "loading the policy and the critic straight into the shards")
+    precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU | bf16: bf16 autocast everywhere "
+                                 "(on the CPU it emulates a GPU run) | fp32: no autocast. Q, log pi_ref and "
+                                 "training all run in it")
     packing: str = arg("auto", "auto: each state and its candidates in one row where that gives each pair's own "
                                 "numbers (checked on the run's states), else one row per (state, candidate) | on: "
                                 "one row per state or refuse | off: one row per (state, candidate)")
@@ -278,13 +283,15 @@ def global_batches(sizes: list[int], batch_actions: int, seed: int) -> list[list
 
 
 def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], batch: list[int],
-               logps=action_logps) -> dict[str, float]:
+               logps=action_logps, moved_threshold: float = 1e-3) -> dict[str, float]:
     """The forward and backward passes of one optimizer step, on this rank's share of a global batch of whole
-    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's.
-    logps: log pi(a|s) of a batch, action_logps (shared rows) or pair_logps (one row per pair)."""
+    states: the gradient of eq. 12's mean over all the step's actions (all ranks). fit_sums of this rank's, and
+    its largest |log(pi / pi_ref)| ("largest"). logps: log pi(a|s) of a batch, action_logps (shared rows) or
+    pair_logps (one row per pair)."""
     step_actions = sum(sizes[i] for i in batch)
     micro = rank_micro_batches(batch, sizes, cfg.micro_batch_actions, ddp.rank, ddp.world_size)
     sums = fit_sums(*[torch.zeros(0, dtype=torch.float64)] * 3)  # the sums over no actions: every rank has every key
+    largest = 0.0
     for j, group in enumerate(micro):
         # An empty micro-batch (this rank has run out of states) computes on the step's first state and counts
         # zero: its passes only keep this rank in step with the others' collectives.
@@ -298,10 +305,12 @@ def actor_step(cfg: Config, ddp, actor, train: list[dict], sizes: list[int], bat
         weight = len(advantages) / step_actions * ddp.world_size if group else 0.0
         (dapo_loss(logp, ref_logp, advantages, cfg.beta) * weight).backward()
         if group:
-            for k, v in fit_sums(logp.detach().double().cpu() - ref_logp.double().cpu(),
-                                 advantages.double().cpu() / cfg.beta, advantages.double().cpu()).items():
+            log_ratio = logp.detach().double().cpu() - ref_logp.double().cpu()  # [n]
+            for k, v in fit_sums(log_ratio, advantages.double().cpu() / cfg.beta, advantages.double().cpu(),
+                                 moved_threshold).items():
                 sums[k] += v
-    return sums
+            largest = max(largest, log_ratio.abs().max().item())
+    return {**sums, "largest": largest}
 
 
 def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict], t0: float, tracker,
@@ -319,8 +328,10 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    report_peak_memory("optimizer built")  # only with $DAPO_PEAK_MEMORY_FILE set (a diagnostic)
     meta = training.resume(model, optimizer)
     start, log = (meta["step"], meta["log"]) if meta else (0, [])
+    threshold = log[-1]["moved_threshold"] if log else None  # measured at the first step, before its update
     if ddp.is_main:
         note = paper_defaults_note("dapo.py", cfg, total, TOY_FLAGS)
         if note:
@@ -330,7 +341,12 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     for step in bar:
         lr = lr_at(step, total, int(cfg.warmup_fraction * total), cfg.lr)
         set_lr(optimizer, lr)
-        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step], logps)
+        # Nothing has moved at the first step (measured before its update): its largest |log(pi / pi_ref)| is the
+        # rounding noise that "moved" must exceed from then on.
+        sums = actor_step(cfg, ddp, actor, train, sizes, schedule[step], logps,
+                          float("inf") if threshold is None else threshold)
+        largest = all_ranks_max(sums.pop("largest"))
+        threshold = max(1e-3, largest) if threshold is None else threshold
         grad_norm = clip_gradients(model, cfg.grad_clip)
         optimizer.step()
         if step == start:  # parameters, gradients and AdamW state all exist now
@@ -339,7 +355,7 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
                 tqdm.write(shards)
         optimizer.zero_grad(set_to_none=True)
         metrics = {"step": step + 1, "lr": lr, **fit_metrics({k: all_ranks_sum(v) for k, v in sums.items()}),
-                   "grad_norm": grad_norm, "seconds": round(time.time() - t0, 2)}
+                   "grad_norm": grad_norm, "moved_threshold": threshold, "seconds": round(time.time() - t0, 2)}
         log.append(metrics)
         tracker.log({f"actor/{k}": v for k, v in metrics.items() if k not in ("step", "seconds")}, step + 1)
         if ddp.is_main:
@@ -397,23 +413,21 @@ def read_inputs(cfg: Config) -> tuple[list[dict], object]:
         raise InputError(f"{path}: token id {too_big} is outside the vocabulary of {cfg.policy} "
                          f"({len(tok)} tokens): was the rollout made with another policy?")
     if cfg.fsdp:
-        from transformers import AutoModelForCausalLM
-
         check_shardable(cfg.policy, AutoModelForCausalLM)
     return states, tok
 
 
-def critic_q_values(cfg: Config, device: torch.device, states: list[dict], is_main: bool = True) -> list[list[float]]:
-    """Step 1 with the critic of critic.py, loaded for this and freed on return; its states and actions packed
-    in shared rows where that is exact (--packing)."""
-    critic = load_critic(cfg.critic, device)
+def critic_q_values(cfg: Config, ddp, states: list[dict]) -> list[list[float]]:
+    """Step 1 with the critic of critic.py, loaded for this (whole on each rank, or sharded under --fsdp, as it was
+    trained) and freed on return; its states and actions packed in shared rows where that is exact (--packing)."""
+    critic = load_critic_for(cfg.critic, ddp, cfg.fsdp)
     packed = check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
-                                          for s in states], cfg.packing, quiet=not is_main)
+                                          for s in states], cfg.packing, quiet=not ddp.is_main)
     values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size, packed=packed)  # noqa: E731
     q = q_values(states, lambda asked: on_all_ranks(values, asked))
     critic = None  # empty the closure's cell too, so the memory is released before empty_cache
     gc.collect()
-    if device.type == "cuda":
+    if ddp.device.type == "cuda":
         torch.cuda.empty_cache()
     return q
 
@@ -427,11 +441,14 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
     order = sorted(range(len(states)), key=lambda i: len(states[i]["state_ids"]) + sum(map(len, states[i]["actions"])))
     out: list[list[float]] = [[] for _ in states]
     device = next(model.parameters()).device
-    for batch in progress(pack(order, sizes, batch_actions), desc=desc, disable=desc is None):
+    batches = pack(order, sizes, batch_actions)
+    batches += [None] * (passes_in_step(model, len(batches)) - len(batches))  # FSDP: as many passes on every rank
+    for batch in progress(batches, desc=desc, disable=desc is None):
+        chosen = [states[i] for i in batch] if batch else [{"state_ids": [0], "actions": [[0]]}]  # None: a dummy
         with autocast(device):
-            logp = logps(model, [states[i]["state_ids"] for i in batch], [states[i]["actions"] for i in batch])  # [n]
+            logp = logps(model, [s["state_ids"] for s in chosen], [s["actions"] for s in chosen])  # [n]
         flat = iter(logp.tolist())
-        for i in batch:
+        for i in batch or []:
             out[i] = [next(flat) for _ in states[i]["actions"]]
     return out
 
@@ -463,12 +480,14 @@ def rank_micro_batches(batch: list[int], sizes: list[int], limit: int, rank: int
     return mine[rank] + [[]] * (max(map(len, mine)) - len(mine[rank]))
 
 
-def fit_sums(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+def fit_sums(log_ratio: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor,
+             moved_threshold: float = 1e-3) -> dict[str, float]:
     """What fit_metrics reads, as sums over the actions of a micro-batch (added over micro-batches and ranks):
     log_ratio = log(pi / pi_ref), target = A / beta. An action has moved when its log-prob changed by more than
-    1e-3 in its advantage's direction (less is the rounding noise of a batch padded differently from the one of
-    log pi_ref)."""
-    moved = torch.sign(advantages) * log_ratio > 1e-3
+    moved_threshold in its advantage's direction: train_actor measures it as the largest |log(pi / pi_ref)| of the
+    first step, before any update (the rounding of batches composed differently from those of log pi_ref:
+    about 1e-6 in fp32, far more in bf16), and never below 1e-3."""
+    moved = torch.sign(advantages) * log_ratio > moved_threshold
     sums = {"actions": len(log_ratio), "loss": (0.5 * (target - log_ratio) ** 2).sum(),
             "abs_log_ratio": log_ratio.abs().sum(), "log_ratio": log_ratio.sum(), "target": target.sum(),
             "log_ratio_x_target": (log_ratio * target).sum(), "log_ratio_squared": (log_ratio ** 2).sum(),
@@ -517,7 +536,7 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     full weights are gathered onto rank 0's CPU first: the directory loads without FSDP."""
     advantages = torch.tensor([a for f in fit for a in f["advantages"]], dtype=torch.float64)  # [actions kept]
     log_ratios = torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64)  # [actions kept]
-    after_training = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages))
+    after_training = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages, log[-1]["moved_threshold"]))
     state = full_state_dict(model) if cfg.fsdp else None
     if not ddp.is_main:
         return
@@ -534,7 +553,7 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     print(f"wrote the actor to {cfg.out_dir} ({len(log)} steps, {time.time() - t0:.0f}s)")
 
 
-def report_fit(tracker, cfg: Config, tok, states: list[dict], q: list[list[float]], fit: list[dict], step: int,
+def report_fit(tracker, cfg: Config, tok, states: list[dict], q: list[list[float]], fit: list[dict], log: list[dict],
                shown_states: int = 4, shown_actions: int = 256) -> None:
     """To the tracker: the fit of eq. 12 after training (its metrics, and a table of A / beta against log(pi /
     pi_ref), one row per action), and a few states with their candidates, Q values and advantages (eq. 13)."""
@@ -542,7 +561,8 @@ def report_fit(tracker, cfg: Config, tok, states: list[dict], q: list[list[float
         return
     advantages = torch.tensor([a for f in fit for a in f["advantages"]], dtype=torch.float64)  # [actions kept]
     log_ratios = torch.tensor([r for f in fit for r in f["log_ratios"]], dtype=torch.float64)  # [actions kept]
-    after = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages))
+    after = fit_metrics(fit_sums(log_ratios, advantages / cfg.beta, advantages, log[-1]["moved_threshold"]))
+    step = len(log)
     tracker.log({f"actor/after_training/{k}": v for k, v in after.items()}, step)
     tracker.table("actor/fit", ["A / beta", "log pi/pi_ref"],
                   [[a / cfg.beta, r] for a, r in zip(advantages.tolist()[:shown_actions], log_ratios.tolist())], step)
@@ -561,6 +581,7 @@ def report_fit(tracker, cfg: Config, tok, states: list[dict], q: list[list[float
 def main() -> None:
     # MACHINERY: settings, DDP, every input checked in full before anything is written, the rerun rule.
     cfg = parse_config(Config)
+    set_precision(cfg.precision)
     ddp = setup_distributed()
     set_seed(cfg.seed)
     states, tok = read_inputs(cfg)
@@ -568,7 +589,8 @@ def main() -> None:
     inputs = [os.path.join(cfg.rollout_dir, "states.jsonl"), *([cfg.critic] if cfg.q_source == "critic" else []),
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
-                            extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}")
+                                 extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source} precision={cfg.precision} "
+                                       f"fsdp={cfg.fsdp and ddp.world_size > 1}")
     if training is None:  # out_dir holds this run's finished actor
         cleanup_distributed()
         return
@@ -577,19 +599,18 @@ def main() -> None:
     # step 4's log pi_ref (keyed by the inputs: a rerun with another beta or lr reuses them).
     prepared = training.load_cache(CACHE, key=training.inputs)
     if prepared is None:
-        # The critic stays whole on every rank, even under --fsdp: inference holds no gradients or AdamW state
-        # (4 bytes per parameter, not 16), and each rank works through its share of the states alone.
-        q = (critic_q_values(cfg, ddp.device, states, ddp.is_main) if cfg.q_source == "critic"
-             else rollout_q_values(states))
+        q = critic_q_values(cfg, ddp, states) if cfg.q_source == "critic" else rollout_q_values(states)
         prepared = {"key": training.inputs, "q_values": q, "train": training_set(states, q, cfg.min_gap)}
     elif ddp.is_main:
         print(f"reusing Q values, advantages and log pi_ref from {os.path.join(training.work_dir, CACHE)}")
     train = prepared["train"]
     report_training_set(cfg, states, train, ddp.is_main)
 
-    # ALGORITHM 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank
-    # computes its share on its own, whole copy, so no rank waits for another): no second model in memory.
-    model = load_causal_lm(cfg.policy, ddp.device)
+    # ALGORITHM 4. log pi_ref with the policy itself, before its first update: no second model in memory, and the
+    # same model, in the same precision regime, as the one trained (sharded under --fsdp), so that log(pi / pi_ref)
+    # is 0 at theta = theta_ref up to the rounding of differently composed batches.
+    model = (load_sharded(cfg.policy, AutoModelForCausalLM, ddp) if cfg.fsdp and ddp.world_size > 1
+             else load_causal_lm(cfg.policy, ddp.device))
     # MACHINERY: shared rows where they give action_logp's numbers, else one row per pair (--packing).
     packed = check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train],
                            "log pi(a|s)", mode=cfg.packing, quiet=not ddp.is_main)
@@ -601,6 +622,8 @@ def main() -> None:
         for s, ref_logp in zip(train, ref_logps, strict=True):
             s["ref_logp"] = ref_logp
         training.save_cache(CACHE, prepared)
+    if is_sharded(model):  # a pass without gradients leaves the root's weights gathered: the optimizer needs shards
+        model.reshard()
 
     # ALGORITHM 5. Train the actor on eq. 12.
     t0 = time.time()
@@ -613,7 +636,7 @@ def main() -> None:
     # update), then the actor. MACHINERY: the run files and the rerun rule.
     fit = fit_after_training(actor, train, [len(s["actions"]) for s in train], cfg.micro_batch_actions, ddp, logps)
     save_actor(cfg, ddp, model, tok, states, train, log, fit, t0)
-    report_fit(tracker, cfg, tok, states, prepared["q_values"], fit, len(log))
+    report_fit(tracker, cfg, tok, states, prepared["q_values"], fit, log)
     training.finish()
     cleanup_distributed()
 

@@ -78,6 +78,9 @@ class InputError(Exception):
 
 def run(main: Callable[[], Any]) -> None:
     """Call main(); turn an InputError into one clear line on stderr and a non-zero exit."""
+    from plumbing.trainer import start_memory_trace
+
+    start_memory_trace()  # only with $DAPO_PEAK_MEMORY_FILE set: a diagnostic of the memory a rank needs
     try:
         main()
         # Free what main() left in reference cycles (an FSDP model, its optimizer) while the interpreter is whole: torn

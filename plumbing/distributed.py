@@ -72,13 +72,18 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_ranks_sum(x: float) -> float:
-    """Sum a number over all ranks (itself when there is one process)."""
+def all_ranks_sum(x: float, op=None) -> float:
+    """Sum a number over all ranks (itself when there is one process); op: another reduction (dist.ReduceOp)."""
     if not dist.is_initialized():
         return x
     t = torch.tensor([float(x)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.item()
+
+
+def all_ranks_max(x: float) -> float:
+    """The largest of a number over all ranks."""
+    return all_ranks_sum(x, dist.ReduceOp.MAX)
 
 
 def barrier() -> None:
@@ -138,11 +143,22 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
+def is_sharded(model) -> bool:
+    """Whether model is sharded by FSDP2 (fully_shard makes its class a subclass of FSDPModule)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def distribute(model, ddp: Dist, fsdp: bool):
     """The model the training loop calls. One process: the model itself. Under torchrun: wrapped by DDP, or,
-    with fsdp, sharded in place by FSDP2 (every decoder layer, then the root: embeddings, final norm, heads).
-    On CUDA the shards stay fp32 (the master weights) while layers compute in bf16 and gradients are reduced
-    in fp32; on the CPU everything stays fp32. Build the optimizer after this: sharding replaces parameters."""
+    with fsdp, sharded in place by FSDP2 (every decoder layer, then the root: embeddings, final norm, heads); a
+    model already sharded (plumbing.models.load_sharded) is returned as it is. The shards are fp32 (the master
+    weights); where the run computes in bf16 (plumbing.models.bf16_compute: CUDA by default) each unit's weights
+    are gathered in bf16 and gradients reduced in fp32. A critic's value head is a unit of its own that stays
+    fp32 (V comes out of an fp32 Linear). Build the optimizer after this: sharding replaces parameters."""
+    if fsdp and dist.is_initialized() and is_sharded(model):
+        return model
     layers = decoder_layers(model) if fsdp else []
     if fsdp and not layers:  # checked in one process too: the same command under torchrun would fail
         raise InputError(f"--fsdp cannot find the decoder layers of {type(model).__name__} to shard; "
@@ -151,11 +167,15 @@ def distribute(model, ddp: Dist, fsdp: bool):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        from plumbing.models import bf16_compute
+
         mesh = init_device_mesh(ddp.device.type, (ddp.world_size,))
         mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if ddp.device.type == "cuda" else MixedPrecisionPolicy())
+                 if bf16_compute(ddp.device) else MixedPrecisionPolicy())
         for layer in layers:
             fully_shard(layer, mesh=mesh, mp_policy=mixed)
+        if hasattr(model, "value_head"):  # the critic's: gathered in fp32, its input cast to fp32
+            fully_shard(model.value_head, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
         fully_shard(model, mesh=mesh, mp_policy=mixed)
         return model
     if ddp.world_size > 1:
@@ -163,6 +183,17 @@ def distribute(model, ddp: Dist, fsdp: bool):
 
         return DDP(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
     return model
+
+
+def passes_in_step(model, count: int) -> int:
+    """How many forward passes this rank must run so that every rank runs as many: under FSDP each pass gathers
+    every unit's weights from all ranks, so a rank with fewer states of its own runs empty passes (the most any
+    rank has); otherwise its own count."""
+    if not (dist.is_initialized() and is_sharded(model)):
+        return count
+    n = torch.tensor(count, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return int(n)
 
 
 def sync_gradients(model, sync: bool) -> None:

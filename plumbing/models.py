@@ -1,9 +1,10 @@
-"""Model loading: tokenizers and causal LMs from a directory, a hub name or a GGUF file; their EOS ids; chat
-prompts; dropout off and checkpointing for training; autocast."""
+"""Model loading: tokenizers and causal LMs from a directory, a hub name or a GGUF file, whole or (under FSDP)
+straight into each rank's shards; their EOS ids; chat prompts; dropout off and checkpointing for training; the
+precision regime (autocast)."""
 from __future__ import annotations
 
-
-
+import contextlib
+import json
 import os
 
 import torch
@@ -149,11 +150,40 @@ def enable_checkpointing(model) -> None:
     enable({"use_reentrant": False})
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+_precision = "auto"
+
+
+def set_precision(name: str) -> None:
+    """The run's precision regime (--precision), for every forward pass of the process: auto is bf16 autocast
+    on CUDA (the paper trains in bf16) and fp32 on the CPU; bf16 asks for bf16 autocast on the CPU too (it
+    emulates the GPU's regime there: tests/test_precision.py); fp32 turns autocast off everywhere. One regime
+    for training and for the passes stage B caches (Q, log pi_ref): a value computed in one and compared with
+    one computed in another is biased."""
+    global _precision
+    if name not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    _precision = name
+
+
+def bf16_compute(device: torch.device) -> bool:
+    """Whether this run's layers compute in bf16 (set_precision): autocast, and FSDP's gathered weights."""
+    return _precision == "bf16" or (_precision == "auto" and device.type == "cuda")
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype model's layers compute in without autocast: its parameters', or bf16 for a model sharded by
+    FSDP whose units gather their weights in bf16 (plumbing.distributed.distribute)."""
+    from plumbing.distributed import is_sharded
+
+    parameter = next(model.parameters())
+    return torch.bfloat16 if is_sharded(model) and bf16_compute(parameter.device) else parameter.dtype
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA (the paper trains in bf16); full precision on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """bf16 autocast where the run computes in bf16 (set_precision), else full precision; the master weights
+    stay fp32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(device))
 
 
 def check_shardable(path: str, auto_class) -> None:
@@ -167,3 +197,176 @@ def check_shardable(path: str, auto_class) -> None:
     if not decoder_layers(model):
         raise InputError(f"{path}: --fsdp cannot find the decoder layers of {type(model).__name__} to shard "
                          "(its class declares no _no_split_modules); run without --fsdp")
+
+
+# =================================================================== FSDP: loading straight into each rank's shards
+# Under --fsdp no rank ever holds a whole copy of a model: its skeleton is built with its parameters on the meta
+# device (no memory), sharded by FSDP2, each rank's shards allocated, and then filled one checkpoint tensor at a
+# time: rank 0 reads the tensor (memory-mapped from the safetensors files), broadcasts it, every rank keeps its
+# slice. Rank 0 reads and broadcasts (as accelerate and verl do) rather than every rank reading its own slices (as
+# torchtitan's dcp.load of the safetensors does): one reader of a network file system instead of all, any
+# checkpoint layout transformers writes, and the same code for a hub name or a local directory.
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter created inside is moved to the meta device as it is registered (a shape, no memory);
+    buffers stay real, so a non-persistent one that is not in any checkpoint (the rotary inv_freq) keeps the
+    value its module computed. A parameter assigned again (tied embeddings) is already on meta and stays the
+    same object: the tie holds."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def build_on_meta(path: str, auto_class):
+    """auto_class's model of the checkpoint at path, its parameters on the meta device (fp32 when materialised)."""
+    from transformers import AutoConfig
+
+    source, gguf = gguf_source(path)
+    try:
+        config = AutoConfig.from_pretrained(source, **gguf)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the model's config ({e})") from None
+    with parameters_on_meta():
+        return auto_class.from_config(config, dtype=torch.float32)
+
+
+def safetensors_files(path: str) -> list[str] | None:
+    """The safetensors files of a checkpoint (a directory or a hub name), or None: a GGUF file, .bin weights, or
+    a hub name not in the local cache and not downloadable."""
+    if path.endswith(".gguf"):
+        return None
+    if os.path.isdir(path):
+        folder = path
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+            single = None if index else cached_file(path, "model.safetensors",
+                                                    _raise_exceptions_for_missing_entries=False)
+        except (OSError, ValueError):
+            return None
+        folder = os.path.dirname(index or single or "")
+    if index and os.path.isfile(index):
+        names = sorted(set(json.load(open(index))["weight_map"].values()))
+        if not os.path.isdir(path):  # a hub name: each shard file into the cache
+            from transformers.utils import cached_file
+
+            return [cached_file(path, name) for name in names]
+        return [os.path.join(folder, name) for name in names]
+    return [single] if single and os.path.isfile(single) else None
+
+
+class CheckpointTensors:
+    """The tensors of a checkpoint by name, read one at a time (rank 0 only). From its safetensors files,
+    memory-mapped: a tensor read becomes anonymous memory only as the fp32 copy that is broadcast. Where there
+    are none (a GGUF file, .bin weights), or a parameter of the model is not found with its shape (a checkpoint
+    that transformers converts while loading), the whole model is loaded once, by rank 0, and read from.
+    required: the model's parameters and their shapes; optional: its persistent buffers (filled when found)."""
+
+    def __init__(self, path: str, auto_class, required: dict[str, torch.Size], optional: dict[str, torch.Size]):
+        self.whole, self.found = None, {}
+        files = safetensors_files(path)
+        if files:
+            from safetensors import safe_open
+
+            opened = [safe_open(f, framework="pt") for f in files]
+            shapes = {k: (f, tuple(f.get_slice(k).get_shape())) for f in opened for k in f.keys()}  # noqa: SIM118
+            for name, shape in {**optional, **required}.items():
+                key = next((k for k in self.candidates(name) if shapes.get(k, (0, None))[1] == tuple(shape)), None)
+                if key is not None:
+                    self.found[name] = (shapes[key][0], key)
+        if not all(name in self.found for name in required):
+            print(f"{path}: rank 0 loads the whole model once to fill the shards (no safetensors files with the "
+                  "model's own parameter names and shapes)", flush=True)
+            self.whole, self.found = load_pretrained(auto_class, path, torch.float32).state_dict(), {}
+            missing = [name for name in required if name not in self.whole]
+            if missing:
+                raise InputError(f"{path}: the checkpoint holds no {', '.join(missing[:3])}")
+
+    @staticmethod
+    def candidates(name: str) -> list[str]:
+        """Where a parameter of a base model (AutoModel, e.g. a critic's backbone) or of a causal LM may sit in a
+        checkpoint saved from either: its own name, or with a base model's prefix added or removed."""
+        prefixes = ("model.", "transformer.", "backbone.")
+        return [name, *(p + name for p in prefixes), *(name[len(p):] for p in prefixes if name.startswith(p))]
+
+    def has(self, name: str) -> bool:
+        return name in self.found if self.whole is None else name in self.whole
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.whole is not None:
+            return self.whole[name]
+        f, key = self.found[name]
+        return f.get_tensor(key)
+
+
+@torch.no_grad()
+def fill_shards(model, read, names: list[str], device: torch.device) -> None:
+    """Give the sharded model (after to_empty) its values: for each name, rank 0 reads the full tensor (read(name)),
+    broadcasts it in fp32, and every rank copies its own slice into its shard. At most one full tensor is in flight
+    per rank."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name in names:
+        target = tensors[name]
+        full = (read(name).to(device=device, dtype=torch.float32) if dist.get_rank() == 0
+                else torch.empty(target.shape, dtype=torch.float32, device=device))
+        dist.broadcast(full, src=0)
+        if hasattr(target, "device_mesh"):  # a DTensor: this rank's slice, as FSDP2 cuts it
+            full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+            target = target.to_local()
+        target.copy_(full)
+        del full
+
+
+def load_sharded(path: str, auto_class, ddp, wrap=None, extra: dict[str, torch.Tensor] | None = None):
+    """The model of path, sharded by FSDP2 over the ranks, no rank holding a whole copy on the way: built on
+    the meta device, sharded (plumbing.distributed.distribute), each rank's shards allocated on its device, then
+    filled from the checkpoint (fill_shards). wrap(model) builds a model around it, on the meta device too (the
+    critic around its backbone), whose own parameters come from extra (full tensors by name, on every rank).
+    Every rank must call it."""
+    import torch.distributed as dist
+
+    from plumbing.distributed import distribute
+
+    inner = build_on_meta(path, auto_class)
+    with parameters_on_meta():
+        model = wrap(inner) if wrap else inner
+    prefix = "" if model is inner else next(n + "." for n, m in model.named_modules() if m is inner)
+    distribute(model, ddp, fsdp=True)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # computed by their modules
+    model.to_empty(device=ddp.device)
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    extra = extra or {}
+    saved = set(model.state_dict())  # parameters and persistent buffers
+    required = {n.removeprefix(prefix): p.shape for n, p in model.named_parameters() if n not in extra}
+    optional = {n.removeprefix(prefix): b.shape for n, b in model.named_buffers() if n in saved and n not in extra}
+    reader, names = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            reader = CheckpointTensors(path, auto_class, required, optional)
+            names[0] = [*extra, *(prefix + n for n in required), *(prefix + n for n in optional if reader.has(n))]
+        except InputError as e:  # every rank stops with rank 0's line, none waits for a broadcast that never comes
+            names[0] = str(e)
+    dist.broadcast_object_list(names, src=0)
+    if isinstance(names[0], str):
+        raise InputError(names[0])
+    fill_shards(model, lambda n: extra[n] if n in extra else reader.get(n.removeprefix(prefix)), names[0], ddp.device)
+    return model

@@ -9,6 +9,7 @@ import functools
 import torch
 
 from plumbing.cli import InputError
+from plumbing.models import compute_dtype
 
 
 @dataclasses.dataclass
@@ -218,12 +219,13 @@ def packing_problem(model, packed, alone, asked: list[tuple[list[int], list[list
                 f"{str(e)[:200]}), as for {UNPACKABLE}")
     finally:
         model.train(was_training)
-    unit = TOLERANCE.get(parameter.dtype, TOLERANCE[torch.bfloat16])
+    dtype = compute_dtype(model)  # an FSDP unit may compute in bf16 from fp32 shards
+    unit = TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
     tolerance = torch.tensor([unit * (10 + (len(a) if per_token else 0)) for acts in actions for a in acts])  # [N]
     gap = (got - want).abs()  # [N]
     if not bool((gap <= tolerance).all()):
         return (f"{family}: shared-prefix rows give {what} up to {gap.max().item():.3g} away from each "
-                f"(state, action) run alone (tolerance {tolerance.max().item():.2g} in {parameter.dtype}, "
+                f"(state, action) run alone (tolerance {tolerance.max().item():.2g} in {dtype}, "
                 f"{len(gap)} actions of {len(rows)} states of this run), as for {UNPACKABLE}")
     return None
 

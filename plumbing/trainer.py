@@ -11,6 +11,51 @@ from plumbing.checkpoints import load_training_state, save_training_state, train
 from plumbing.runfiles import check_rerun, fingerprint, write_json_atomic
 
 
+PEAK_MEMORY_VARIABLE = "DAPO_PEAK_MEMORY_FILE"  # a diagnostic: where each rank writes its peak memory (below)
+
+
+def start_memory_trace() -> None:
+    """With $DAPO_PEAK_MEMORY_FILE set, follow this process's anonymous resident memory (RssAnon of
+    /proc/self/status: what the process allocated, not the pages of a memory-mapped checkpoint file, which the
+    kernel can drop) every 2 ms from here on, on Linux; report_peak_memory writes the largest seen."""
+    if not os.environ.get(PEAK_MEMORY_VARIABLE) or not os.path.exists("/proc/self/status"):
+        return
+    import threading
+    import time
+
+    def rss_anon_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+
+    def follow() -> None:
+        while True:
+            _peak[0] = max(_peak[0], rss_anon_mb())
+            time.sleep(0.002)
+
+    _peak[0] = rss_anon_mb()
+    threading.Thread(target=follow, daemon=True).start()
+
+
+_peak = [0.0]
+
+
+def report_peak_memory(point: str) -> None:
+    """With $DAPO_PEAK_MEMORY_FILE set, write this rank's peak anonymous memory since the start (and, on CUDA, the
+    peak of allocated GPU memory), in MB, to that path + "." + the rank, as JSON {point: {...}}: how much a rank
+    needed to load its model (critic.py and dapo.py call it once the optimizer exists, before the first step)."""
+    path = os.environ.get(PEAK_MEMORY_VARIABLE)
+    if not path:
+        return
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    report = {"rss_anon_mb": round(_peak[0], 1)}
+    if torch.cuda.is_available():
+        report["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    write_json_atomic(f"{path}.{rank}", {point: report})
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warm-up to the peak, then linear decay to zero."""
     if step < warmup_steps:
