@@ -3,7 +3,8 @@ that must give what each (state, action) pair run alone gives, or the guard must
 models of Llama, Qwen2 with sliding layers, Mistral, Gemma 3 (windows of 4 tokens, shorter than the rows) are exact
 in log pi(a|s), its gradient and the critic's V(s . a); a hybrid (LFM2: convolution layers), an ALiBi model
 (Bloom), a state-space model (Mamba) and a longrope Phi-3 past its original length run one row per pair instead
-(refused with --packing on), in the functions and through dapo.py; a dynamic RoPE past its length is refused."""
+(refused with --packing on), in the functions and through dapo.py (LFM2 also under torchrun with two ranks, equal
+to one process); a dynamic RoPE past its length is refused."""
 import json
 import os
 from types import SimpleNamespace
@@ -222,11 +223,11 @@ def write_rollout(tmp_path, grow: int = 0) -> tuple[str, list[dict]]:
     return str(rollout), records
 
 
-def run_dapo(policy_dir, critic_dir, rollout, out_dir, *extra, check=True):
-    return run_script("dapo.py", "--policy", policy_dir, "--critic", critic_dir, "--rollout_dir", rollout,
+def run_dapo(policy_dir, critic_dir, rollout, out_dir, *extra, check=True, launcher=(), timeout=600):
+    return run_script(*launcher, "dapo.py", "--policy", policy_dir, "--critic", critic_dir, "--rollout_dir", rollout,
                       "--out_dir", out_dir, "--min_gap", "0", "--beta", "0.3", "--lr", "1e-4",
                       "--global_batch_actions", "16", "--micro_batch_actions", "16", *extra, check=check,
-                      env={"OMP_NUM_THREADS": "1"})
+                      env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
@@ -298,6 +299,33 @@ def test_dapo_trains_a_family_it_cannot_pack_one_row_per_pair(family, q_source, 
     log_ratios = torch.tensor(flat(f["log_ratios"] for f in fit))
     torch.testing.assert_close(log_ratios, after - ref, rtol=0, atol=1e-4)
     assert log_ratios.abs().max() > 1e-2  # the actor did move
+
+
+def test_dapo_on_a_hybrid_family_under_torchrun_equals_one_process(tmp_path):
+    """LFM2 (a convolution layer, then attention) on one row per (state, action) under `torchrun
+    --nproc_per_node=2` (DDP over gloo): the ranks hold different pairs, so different numbers of passes, and the
+    actor equals the one-process run's, step for step, within the tolerance of tests/test_dapo.py's DDP check."""
+    policy_dir, critic_dir = save_family("lfm2", tmp_path)
+    rollout, _ = write_rollout(tmp_path, grow=6)
+    flags = ["--q_source", "critic", "--epochs", "2", "--global_batch_actions", "6", "--micro_batch_actions", "3",
+             "--lr", "1e-3"]  # batches of two states: one per rank, whose pairs need 2 or 3 passes (lengths differ)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_dapo(policy_dir, critic_dir, rollout, one, *flags)
+    # ranks whose passes got out of step would wait on each other's collectives: a hang, failed in 4 minutes
+    proc = run_dapo(policy_dir, critic_dir, rollout, two, *flags, launcher=("torchrun", "--nproc_per_node=2"),
+                    timeout=240)
+    said = [line for line in proc.stdout.splitlines() if "stage B runs one row per (state, action)" in line]
+    assert len(said) == 2 and all("model family lfm2" in x for x in said)  # the critic's pass and the actor's, once
+    init = AutoModelForCausalLM.from_pretrained(policy_dir).state_dict()
+    a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # the actor did move (4 steps)
+    for k in a:  # float sums in another order, through Adam: a small fraction of one step
+        torch.testing.assert_close(b[k], a[k], atol=3e-5, rtol=0, msg=k)
+    log_one, log_two = ([json.loads(line) for line in open(os.path.join(d, "train_log.jsonl"))] for d in (one, two))
+    assert len(log_one) == len(log_two) >= 3
+    for x, y in zip(log_one, log_two):  # Adam hides a gradient off by a factor; the logged norm does not
+        for key in ("lr", "loss", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-5), key
 
 
 # ========================================================================= RoPE whose frequencies depend on the batch

@@ -152,6 +152,69 @@ def test_an_eos_drawn_as_the_last_allowed_token_is_a_finish_by_eos():
 
 
 @needs_vllm
+def test_the_nucleus_is_vllms_own_on_ties():
+    """The HF engine's nucleus (generation.tempered_nucleus) against vLLM's own top-p, no engine started: its
+    sampler module as vLLM builds it on this platform (TopKTopPSampler, whose apply_top_k_top_p masks to -inf
+    what it drops; processed_logits returns those logits), on the tempered logits, as vLLM's Sampler divides them
+    by the temperature first. Rows whose masses hit top_p exactly (powers of two, a power-of-two temperature: no
+    rounding), ties at its edge, and random rows. Where equal probabilities straddle the edge, (0.25, 0.25, 0.25,
+    0.25) at top_p 0.5 keeping two of four, which of them are kept is arbitrary (the HF engine takes them in
+    topk's order, vLLM in its ascending sort's): there the engines keep as many tokens, of the same probabilities
+    and so of the same mass, compared as such; elsewhere the very same tokens. vLLM's draws land in its nucleus."""
+    import vllm._custom_ops  # noqa: F401  (loads the CPU kernels the sampler draws with)
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from plumbing.generation import tempered_nucleus
+
+    sampler = TopKTopPSampler(logprobs_mode="processed_logits")
+
+    def compare(logits: torch.Tensor, temperature: float, top_p: float, seed: int) -> bool:
+        """[B, V] logits: asserts the same nucleus in each row; True when some row's edge is a tie."""
+        probs, ids = tempered_nucleus(logits, temperature, top_p)  # [B, K] each
+        tempered = logits / temperature  # [B, V]
+        generators = {i: torch.Generator().manual_seed(seed + i) for i in range(len(logits))}
+        drawn, kept = sampler.forward(tempered.clone(), generators, None, torch.full((len(logits),), top_p))
+        p = torch.softmax(tempered.double(), -1)  # [B, V]
+        tie = False
+        for b in range(len(logits)):
+            ours = ids[b][probs[b] > 0]  # [n] the HF engine's nucleus
+            theirs = kept[b].isfinite().nonzero().squeeze(-1)  # [n] vLLM's
+            assert kept[b, drawn[b]].isfinite(), (b, top_p)  # vLLM draws inside its nucleus
+            assert sorted(p[b, ours].tolist()) == sorted(p[b, theirs].tolist()), (logits[b], temperature, top_p)
+            last = p[b, ours].min()  # a token left out with the probability of the last one in: a choice was made
+            edge_tie = bool((p[b] == last).sum() > (p[b, ours] == last).sum())
+            tie |= edge_tie
+            if not edge_tie:  # no choice to make: the very same tokens
+                assert set(ours.tolist()) == set(theirs.tolist()), (logits[b], temperature, top_p)
+        return tie
+
+    # The issue's cases first: (0.5, 0.5) at top_p 0.5 keeps one token, four of 0.25 keep two.
+    for row, top_p, size in [([0.5, 0.5], 0.5, 1), ([0.25] * 4, 0.5, 2), ([0.25] * 4, 0.75, 3)]:
+        logits = torch.tensor([row]).log()  # [1, V]
+        probs, _ = tempered_nucleus(logits, 1.0, top_p)
+        _, kept = sampler.forward(logits.clone(), {}, None, torch.tensor([top_p]))
+        assert int((probs > 0).sum()) == int(kept.isfinite().sum()) == size, (row, top_p)
+    rows = [[0.5, 0.5], [0.25] * 4, [0.5, 0.25, 0.125, 0.125], [0.125, 0.5, 0.125, 0.25], [0.0625] * 16,
+            [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]]
+    ties = 0
+    for row in rows:
+        for temperature in (1.0, 0.5):
+            logits = temperature * torch.tensor([row]).log()  # softmax(logits / T) is the row, exactly
+            for top_p in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 0.9375, 0.99):
+                ties += compare(logits, temperature, top_p, seed=0)
+    assert ties >= 10  # the premise: many of these have a choice to make at the edge
+    # Random rows (no two probabilities equal), but those with a cumulative mass within rounding of top_p, where
+    # float sums in another order may end the nucleus one token apart.
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3  # [B, V]
+    for top_p in (0.1, 0.3, 0.55, 0.8, 0.95):
+        for temperature in (0.7, 1.0, 1.3):
+            mass = torch.softmax(logits.double() / temperature, -1).sort(-1, descending=True).values.cumsum(-1)
+            far = (mass - top_p).abs().min(-1).values > 1e-5  # [B]
+            assert far.sum() >= 48
+            assert not compare(logits[far], temperature, top_p, seed=1)
+
+
+@needs_vllm
 def test_ids_outside_the_tokenizer_are_never_sampled(engines):
     from plumbing.vllm_engine import vllm_generate
 
