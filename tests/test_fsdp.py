@@ -112,3 +112,80 @@ def test_dapo_fsdp_on_two_gpus_matches_one_gpu_and_resumes(toy_dir, toy_rollout,
     logs = [[json.loads(line) for line in open(tmp_path / d / "train_log.jsonl")] for d in ("one", "fsdp")]
     assert len(logs[0]) == len(logs[1])
     assert logs[1][-1]["loss"] == pytest.approx(logs[0][-1]["loss"], rel=0.1)
+
+
+# ============================================================================= CPU: loading straight into the shards
+def build_llama(toy_dir, out, hidden: int, layers: int) -> int:
+    """A Llama of the toy's vocabulary with `layers` layers of width `hidden`, random, saved in bf16 with the toy's
+    tokenizer; also a critic directory (the same files and a zero value head). Its number of parameters."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(toy_dir / "sft")
+    config.hidden_size, config.num_hidden_layers, config.intermediate_size = hidden, layers, 4 * hidden
+    config.num_attention_heads = config.num_key_value_heads = hidden // 64
+    config.head_dim = 64
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out / "policy")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(toy_dir / "sft" / name, out / "policy")
+    shutil.copytree(out / "policy", out / "critic")
+    torch.save({"weight": torch.zeros(1, hidden), "bias": torch.zeros(1)}, out / "critic" / C.HEAD_FILE)
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_before_training(script: str, model_dir, rollout, out) -> float:
+    """The larger of the 2 ranks' peak anonymous memory (MB) from the start of `torchrun script --fsdp true` to
+    the creation of its optimizer ($DAPO_PEAK_MEMORY_FILE); the run is stopped there. glibc is told to give every
+    allocation of 128 kB or more pages of its own (its default threshold, kept fixed), returned when freed:
+    otherwise its heap keeps freed blocks (a layer's shard, a gathered layer) and RssAnon counts memory the
+    process no longer holds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ([f"{script}.py", "--rollout_dir", str(rollout), "--out_dir", str(out), "--fsdp", "true"]
+            + (["--init", str(model_dir / "policy"), "--batch_size", "8", "--micro_batch_size", "4",
+                "--heldout_fraction", "0"] if script == "critic" else
+               ["--policy", str(model_dir / "policy"), "--critic", str(model_dir / "critic"), "--min_gap", "0"]))
+    peak = str(out) + ".peak"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2 ** 17), "DAPO_PEAK_MEMORY_FILE": peak}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not all(os.path.exists(f"{peak}.{r}") for r in range(2)):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "no peak memory written in 10 minutes"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return max(json.load(open(f"{peak}.{r}"))["optimizer built"]["rss_anon_mb"] for r in range(2))
+
+
+@pytest.mark.parametrize("script", ["critic", "dapo"])
+def test_no_rank_holds_a_whole_model_while_loading(toy_dir, toy_rollout, tmp_path, script):
+    """Under --fsdp with 2 ranks each rank's anonymous memory peaks, before training, at about its half of the fp32
+    model: built on the meta device, sharded, then filled one checkpoint tensor at a time (dapo.py: the critic's
+    shards for the Q values, freed, then the policy's). Measured above the same run on a model of 0.3M parameters.
+    Loading a whole fp32 copy per rank, as before, gives more than 1.0 x the fp32 size."""
+    rollout = tmp_path / "rollout"  # a few of the rollout's states and solutions: the memory is the models'
+    rollout.mkdir()
+    for name, n in (("solutions.jsonl", 8), ("states.jsonl", 6)):
+        (rollout / name).write_text("".join(open(toy_rollout / name).readlines()[:n]))
+    sizes = {}
+    for tag, hidden, layers in (("small", 64, 2), ("large", 640, 32)):
+        (tmp_path / tag).mkdir()
+        parameters = build_llama(toy_dir, tmp_path / tag, hidden, layers)
+        sizes[tag] = (parameters, peak_before_training(script, tmp_path / tag, rollout, tmp_path / f"{tag}-out"))
+    (_, small), (parameters, large) = sizes["small"], sizes["large"]
+    fp32_mb = 4 * parameters / 2 ** 20
+    print(f"{script}.py --fsdp, 2 ranks, {parameters / 1e6:.0f}M parameters ({fp32_mb:.0f} MB in fp32): peak "
+          f"RssAnon per rank {large:.0f} MB, {small:.0f} MB on a tiny model: {(large - small) / fp32_mb:.2f} x fp32")
+    assert 150e6 < parameters < 400e6
+    assert large - small < 0.7 * fp32_mb
