@@ -130,6 +130,37 @@ def check_shared_dir(directory: str) -> None:
                          "writable by every rank (NFS, Lustre, ...)")
 
 
+def rank0_decides(decide, what: str, strict: bool = False):
+    """decide() as global rank 0 sees it, on every rank: a decision read from the shared disk (is the output
+    finished, is there a checkpoint, a cache) that says which collectives follow must be the same on every rank,
+    and one node's stale view of a network file system must not split them. Every rank decides from its own
+    view; one whose answer differs from rank 0's says so in one line and follows rank 0, or, strict (it must
+    read what rank 0 saw), every rank stops with that line. An InputError of rank 0's stops every rank with its
+    line; one of another rank alone is its differing view."""
+    if not dist.is_initialized():
+        return decide()
+    import socket
+
+    try:
+        mine = ("ok", decide())
+    except InputError as e:
+        mine = ("error", str(e))
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (socket.gethostname(), mine))
+    differ = [f"rank {r} on {host}" for r, (host, view) in enumerate(views) if view != views[0][1]]
+    if differ:
+        line = (f"{what}: {', '.join(differ)} see(s) otherwise than rank 0 on {views[0][0]} (a stale or unshared "
+                f"view of the file system?)")
+        if strict:
+            raise InputError(line + "; every rank must see the same files")
+        if dist.get_rank() == 0:
+            print(line + "; all follow rank 0", flush=True)
+    kind, value = views[0][1]
+    if kind == "error":
+        raise InputError(value)
+    return value
+
+
 # Under DDP every rank holds the whole model, its gradients and AdamW state: 16 bytes per parameter, 112 GB for
 # a 7B model. FSDP2 (torch.distributed.fsdp.fully_shard) splits all three over the ranks; each decoder layer's
 # full parameters exist only while that layer computes. The helpers below take the plain, DDP or sharded model

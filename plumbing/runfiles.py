@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 
 from plumbing.cli import InputError
-from plumbing.distributed import barrier, check_shared_dir
+from plumbing.distributed import barrier, check_shared_dir, rank0_decides
 
 
 def read_jsonl(path: str, required: Iterable[str] = (), allow_empty: bool = False,
@@ -152,8 +152,27 @@ def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ig
                     os.remove(path)
         barrier()
     ours = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+
+    # Rank 0's reading of the disk decides for every rank (which collectives follow depends on it).
+    if rank0_decides(lambda: finished_output(cfg, ours, out_dir, done, settings, work, covers),
+                     f"{out_dir}: whether it holds finished output or unfinished work"):
+        if is_main:
+            print(f"{out_dir}: complete, made with these settings; nothing to do (--overwrite true redoes it)")
+        return True
+    barrier()  # every rank has compared before rank 0 rewrites the file
+    if is_main and write_settings:
+        os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
+        write_json_atomic(settings, ours)
+    check_shared_dir(os.path.dirname(settings) or ".")  # where the work and the settings go (several nodes)
+    return False
+
+
+def finished_output(cfg, ours: dict, out_dir: str, done: str, settings: str, work: list[str],
+                    covers: Callable[[dict], bool]) -> bool:
+    """check_rerun's reading of the disk: True when out_dir holds the finished output of these settings (`ours`),
+    False when the run goes on (afresh or resuming its work); an InputError when the rerun is refused."""
     retry = "rerun with those settings, add --overwrite true to replace it, or use another --out_dir"
-    work = [p for p in work if os.path.exists(p)]
+    unfinished = [p for p in work if os.path.exists(p)]
     if os.path.exists(done):
         with open(done, encoding="utf-8") as f:
             record = json.load(f)
@@ -162,25 +181,19 @@ def check_rerun(cfg, out_dir: str, done: str, settings: str, work: list[str], ig
             raise InputError(f"{done}: {out_dir} holds the finished output of a run with other settings "
                              f"({_changed(ours, theirs)}); {retry}")
         if covers(record):
-            if is_main:
-                print(f"{out_dir}: complete, made with these settings; nothing to do (--overwrite true redoes it)")
             return True
-        if not work:  # it would be replaced by a run that holds other questions
+        if not unfinished:  # it would be replaced by a run that holds other questions
             everything = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "overwrite")}
             raise InputError(f"{done}: {out_dir} holds the finished output of a run over other questions "
                              f"({_changed(everything, theirs)}); {retry}")
-    if work and os.path.exists(settings):
+    if unfinished and os.path.exists(settings):
         with open(settings, encoding="utf-8") as f:
             theirs = json.load(f)
         if _changed(ours, theirs):
             raise InputError(f"{settings}: {out_dir} holds unfinished work of a run with other settings "
                              f"({_changed(ours, theirs)}); {retry}")
-    barrier()  # every rank has compared before rank 0 rewrites the file
-    if is_main and write_settings:
-        os.makedirs(os.path.dirname(settings) or ".", exist_ok=True)
-        write_json_atomic(settings, ours)
-    check_shared_dir(os.path.dirname(settings) or ".")  # where the work and the settings go (several nodes)
     return False
+
 
 
 def _changed(ours: dict, theirs: dict) -> str:

@@ -8,6 +8,7 @@ import shutil
 import torch
 
 from plumbing.checkpoints import load_training_state, save_training_state, training_meta
+from plumbing.distributed import rank0_decides
 from plumbing.runfiles import check_rerun, fingerprint, write_json_atomic
 
 
@@ -143,7 +144,8 @@ class TrainingRun:
         """Load this run's checkpoint into the model and optimizer (built as when it was saved, sharded or not)
         and return what was saved with it (step, log, ...); None when there is none. A checkpoint of another run
         (other inputs or another number of ranks: other settings were refused by `start`) is ignored, saying why."""
-        meta = training_meta(self.checkpoint)
+        # Rank 0's view decides (strict: every rank must then read the checkpoint's files it saw).
+        meta = rank0_decides(lambda: training_meta(self.checkpoint), f"{self.checkpoint}: the checkpoint", strict=True)
         if meta is None:
             return None
         if meta["run_id"] == self.identity:
@@ -187,10 +189,16 @@ class TrainingRun:
 
     def load_cache(self, name: str, key: str):
         """A cache the script keeps in the work folder (dapo.py: Q values and log pi_ref), or None when there is
-        none or it was made from other inputs (`key`)."""
+        none or it was made from other inputs (`key`). Rank 0 reads it and sends it to the others: whether it is
+        there decides which passes follow, the same on every rank."""
+        import torch.distributed as dist
+
         path = os.path.join(self.work_dir, name)
-        cache = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
-        return cache if cache is not None and cache.get("key") == key else None
+        cache = [torch.load(path, map_location="cpu", weights_only=False)
+                 if self.is_main and os.path.exists(path) else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(cache, src=0)
+        return cache[0] if cache[0] is not None and cache[0].get("key") == key else None
 
     def save_cache(self, name: str, cache: dict) -> None:
         """Written atomically by rank 0: a kill while writing leaves the old cache or none."""

@@ -185,3 +185,39 @@ def test_memory_table_of_72b_on_2_and_4_nodes():
     assert float(rows[16]["Qwen2.5-72B actor"][4]) > 80 > float(actor[4])  # 2 nodes of 80 GB GPUs: too few
     whole = rows[32]["Qwen2.5-72B actor, whole"]
     assert (float(whole[0]), float(whole[1])) == pytest.approx((4 * 72.71, 2 * 72.71), abs=0.1)
+
+
+RANK0_DECIDES = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from plumbing.cli import InputError
+from plumbing.distributed import cleanup_distributed, rank0_decides, setup_distributed
+
+ddp = setup_distributed()
+seen = rank0_decides(lambda: ddp.rank == 0, "the output")  # rank 1's view differs: it follows rank 0
+print(f"rank {{ddp.rank}}: follows {{seen}}", flush=True)
+for strict, decide in ((True, lambda: ddp.rank == 0), (False, lambda: (_ for _ in ()).throw(InputError("x: bad"))
+                                                         if ddp.rank == 0 else 1)):
+    try:
+        rank0_decides(decide, "the checkpoint", strict=strict)
+        print(f"rank {{ddp.rank}}: went on", flush=True)
+    except InputError as e:
+        print(f"rank {{ddp.rank}}: stopped: {{e}}", flush=True)
+print(f"rank {{ddp.rank}}: agrees {{rank0_decides(lambda: 7, 'the cache')}}", flush=True)
+cleanup_distributed()
+"""
+
+
+def test_rank_0_decides_what_the_disk_holds_for_every_rank(tmp_path):
+    """A decision read from the shared disk gates collectives, so every rank takes rank 0's: a rank whose view
+    differs follows it (said in one line), or, strict, every rank stops with that line; rank 0's refusal stops all."""
+    script = tmp_path / "decide.py"
+    script.write_text(RANK0_DECIDES.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = run_script("torchrun", "--nproc_per_node=2", str(script)).stdout
+    for rank in (0, 1):
+        assert f"rank {rank}: follows True" in out and f"rank {rank}: agrees 7" in out
+        assert f"rank {rank}: stopped: the checkpoint: rank 1 on" in out and "every rank must see" in out
+        assert f"rank {rank}: stopped: x: bad" in out
+        assert f"rank {rank}: went on" not in out
+    assert out.count("all follow rank 0") == 2  # once for each of the two views that differ, by rank 0 alone
