@@ -51,6 +51,7 @@ from transformers import set_seed
 
 from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
+from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, trainable
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
@@ -64,7 +65,7 @@ HEAD_FILE = "value_head.pt"
 
 
 @dataclasses.dataclass
-class Config(TrackingConfig):
+class Config(LoraSettings, TrackingConfig):  # LoraSettings: --lora_r and its flags (plumbing.lora)
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its solutions.jsonl is the "
                                                      "training data)")
     init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
@@ -115,13 +116,13 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_backbone(cls, path: str, device) -> "Critic":
-        """A fresh value head on the transformer of a causal-LM checkpoint (or of a critic directory)."""
+    def from_backbone(cls, path: str, device, dtype: torch.dtype = torch.float32) -> "Critic":
+        """A fresh value head (fp32) on the transformer of a causal-LM checkpoint (or of a critic directory)."""
         from transformers import AutoModel
 
         check_model_path(path, "critic backbone")
         try:
-            backbone = load_pretrained(AutoModel, path, torch.float32)  # a GGUF file works too, dequantised
+            backbone = load_pretrained(AutoModel, path, dtype)  # a GGUF file works too, dequantised
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: cannot load a backbone ({e})") from None
         return cls(backbone).to(device)
@@ -279,7 +280,7 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
     critic.train()
     disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
     model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(critic), lr=cfg.lr, weight_decay=cfg.weight_decay)  # LoRA: adapters, head
     meta = training.resume(critic, optimizer)
     step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
     if ddp.is_main:
@@ -370,37 +371,40 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
 
 
 def build_critic(cfg: Config, device, solutions: list[dict]) -> Critic:
-    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone."""
+    """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone; with
+    --lora_r, the backbone frozen with LoRA adapters (plumbing.lora), the value head trained in full."""
     source = cfg.init_critic or cfg.init
-    critic = load_critic(source, device) if cfg.init_critic else Critic.from_backbone(source, device)
+    dtype = base_dtype(cfg)
+    critic = load_critic(source, device, dtype) if cfg.init_critic else Critic.from_backbone(source, device, dtype)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in solutions for t in s["ids"]) >= vocab:
         raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
                          f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
-    return critic
+    return add_lora(critic, cfg, critic=True)
 
 
 def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None,
                 metrics: dict | None = None) -> None:
     """One directory: the backbone (save_pretrained), the value head, the tokenizer and metrics.json (when
     given). Written beside out_dir and renamed into place, so a directory named out_dir is always a complete
-    critic. `state` holds the critic's full weights when the module itself holds only a shard of them (FSDP)."""
-    state = critic.state_dict() if state is None else state
+    critic. `state` holds the critic's full weights when the module itself holds only a shard of them (FSDP).
+    With LoRA the adapters are merged into the backbone's weights (plumbing.lora): a plain critic."""
+    state = merged_state_dict(critic, critic.state_dict() if state is None else state)
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     with atomic_dir(out_dir) as tmp:
-        critic.backbone.save_pretrained(tmp, state_dict=part("backbone."))
+        plain_model(critic.backbone).save_pretrained(tmp, state_dict=part("backbone."))
         torch.save(part("value_head."), os.path.join(tmp, HEAD_FILE))
         tokenizer.save_pretrained(tmp)
         if metrics is not None:
             write_json_atomic(os.path.join(tmp, "metrics.json"), metrics)
 
 
-def load_critic(path: str, device) -> Critic:
-    """The critic saved by save_critic, ready for training or inference."""
+def load_critic(path: str, device, dtype: torch.dtype = torch.float32) -> Critic:
+    """The critic saved by save_critic, ready for training or inference (the backbone in `dtype`)."""
     check_model_path(path, "critic")
     if not os.path.isfile(os.path.join(path, HEAD_FILE)):
         raise InputError(f"{path}: not a critic directory (no {HEAD_FILE}); train one with critic.py")
-    critic = Critic.from_backbone(path, device)
+    critic = Critic.from_backbone(path, device, dtype)
     critic.value_head.load_state_dict(torch.load(os.path.join(path, HEAD_FILE), map_location=device, weights_only=True))
     return critic
 

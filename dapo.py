@@ -73,6 +73,7 @@ from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   on_all_ranks, setup_distributed, sync_gradients)
+from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, reference_mode, trainable
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_tokenizer)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
@@ -83,7 +84,7 @@ from critic import action_values, check_action_values, load_critic, value_alone
 
 
 @dataclasses.dataclass
-class Config(TrackingConfig):
+class Config(LoraSettings, TrackingConfig):  # LoraSettings: --lora_r and its flags (plumbing.lora)
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
                                       "(HF directory, hub name or .gguf file)")
     critic: str = arg("runs/toy/iter1/critic", "the critic directory of critic.py (unused with --q_source rollout)")
@@ -318,7 +319,8 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     model.train()
     disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, betas=(0.9, 0.95),  # LoRA: the adapters only
+                                  weight_decay=cfg.weight_decay)
     meta = training.resume(model, optimizer)
     start, log = (meta["step"], meta["log"]) if meta else (0, [])
     if ddp.is_main:
@@ -521,8 +523,8 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     state = full_state_dict(model) if cfg.fsdp else None
     if not ddp.is_main:
         return
-    with atomic_dir(cfg.out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
+    with atomic_dir(cfg.out_dir) as tmp:  # with LoRA, the adapters merged into the weights: a plain model
+        plain_model(model).save_pretrained(tmp, state_dict=merged_state_dict(model, state))
         tok.save_pretrained(tmp)
         write_jsonl_atomic(os.path.join(tmp, "train_log.jsonl"), log)
         write_jsonl_atomic(os.path.join(tmp, "fit.jsonl"), fit)
@@ -568,7 +570,8 @@ def main() -> None:
     inputs = [os.path.join(cfg.rollout_dir, "states.jsonl"), *([cfg.critic] if cfg.q_source == "critic" else []),
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
-                            extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}")
+                            extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}"
+                            + (f" base_dtype={cfg.base_dtype}" if cfg.lora_r else ""))  # bf16 base: other log pi_ref
     if training is None:  # out_dir holds this run's finished actor
         cleanup_distributed()
         return
@@ -589,15 +592,17 @@ def main() -> None:
 
     # ALGORITHM 4. log pi_ref with the policy itself, before its first update (and before sharding: each rank
     # computes its share on its own, whole copy, so no rank waits for another): no second model in memory.
-    model = load_causal_lm(cfg.policy, ddp.device)
+    # With --lora_r the base is frozen and adapters are trained (plumbing.lora): pi_ref is the base, adapters off.
+    model = add_lora(load_causal_lm(cfg.policy, ddp.device, base_dtype(cfg)), cfg, critic=False)
     # MACHINERY: shared rows where they give action_logp's numbers, else one row per pair (--packing).
     packed = check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train],
                            "log pi(a|s)", mode=cfg.packing, quiet=not ddp.is_main)
     logps = action_logps if packed else pair_logps
     if "ref_logp" not in train[0]:
         model.eval()
-        ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
-                                                              "log pi_ref" if ddp.is_main else None, logps), train)
+        with reference_mode(model):
+            ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
+                                                                  "log pi_ref" if ddp.is_main else None, logps), train)
         for s, ref_logp in zip(train, ref_logps, strict=True):
             s["ref_logp"] = ref_logp
         training.save_cache(CACHE, prepared)
