@@ -229,3 +229,27 @@ def test_lora_critic_under_fsdp_resumed_equals_one_process(lora_critic, toy_dir,
     assert "resuming from step 2" in proc.stdout
     one, two = (C.load_critic(str(d), "cpu").state_dict() for d in (lora_critic, out))
     assert_close_params(one, two, atol=3e-5)
+
+
+# ============================================================================= tools/memory.py: LoRA and one GPU
+def test_memory_counts_lora_adapters_exactly_and_says_what_fits_one_gpu(toy_dir):
+    sys.path.insert(0, "tools")
+    import memory
+
+    config = json.load(open(toy_dir / "sft" / "config.json"))  # the toy's Llama: the adapters peft really makes
+    for r, targets in ((4, "all"), (8, "q_proj,v_proj")):
+        model = lora.add_lora(load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")),
+                              settings(lora_r=r, lora_target_modules=targets), critic=False)
+        assert memory.lora_parameters(config, r, targets) == sum(p.numel() for p in lora.trainable(model))
+    table = run_script("tools/memory.py", "--models", "Qwen2.5-Math-1.5B,Qwen2.5-Math-7B", "--lora_r", "16").stdout
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| Qwen")}
+    full = rows["Qwen2.5-Math-1.5B actor, full, fp32"]  # 16 bytes/param + autocast's bf16 copy: 24.7 + 3.1
+    assert float(full[0]) == pytest.approx(16 * 1.5437 + 2 * 1.5437, abs=0.1) and full[2] == "no"
+    assert rows["Qwen2.5-Math-1.5B actor, LoRA r16 all, bf16 base"][2].startswith("micro-batch")  # one 24 GB card
+    assert rows["Qwen2.5-Math-7B actor, full, fp32"][2:] == ["no", "no", "no"]
+    assert rows["Qwen2.5-Math-7B actor, LoRA r16 all, fp32 base"][2] == "no"  # 30 GB of fp32 base
+    assert rows["Qwen2.5-Math-7B actor, LoRA r16 all, bf16 base"][2].startswith("micro-batch")
+    # FSDP on 8 GPUs with accumulation: the gradient shard never coexists with the unsharded accumulator.
+    by_part = rows["Qwen2.5-Math-7B actor"][5].split(" + ")
+    assert by_part[1] == "0.0" and float(by_part[4]) == pytest.approx(4 * 7.6155, abs=0.1)
