@@ -18,6 +18,7 @@ from plumbing.models import load_causal_lm
 from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (requirements-optional)")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 LORA = ["--lora_r", "4", "--lora_alpha", "8"]
 # Q from the rollout (no critic needed): 2 epochs of a few steps, micro-batches smaller than a step.
@@ -58,6 +59,7 @@ def assert_close_params(a: dict, b: dict, atol: float) -> None:
 
 
 # ============================================================================= pi_ref, the adapters, the merge
+@needs_peft
 def test_reference_mode_is_the_base_model_and_the_merge_is_the_adapted_model(toy_dir, tmp_path, monkeypatch):
     states, actions = [[1, 5, 6, 7, 8], [1, 9, 10]], [[[3, 4], [5]], [[6, 7, 8]]]
     base = load_causal_lm(str(toy_dir / "sft"), torch.device("cpu")).eval()
@@ -87,6 +89,7 @@ def test_reference_mode_is_the_base_model_and_the_merge_is_the_adapted_model(toy
         torch.testing.assert_close(dapo.action_logps(plain, states, actions), adapted, atol=1e-4, rtol=0)
 
 
+@needs_peft
 def test_critic_adapters_leave_the_value_head_in_full(toy_dir):
     critic = lora.add_lora(C.Critic.from_backbone(str(toy_dir / "sft"), "cpu"), settings(), critic=True)
     names = [n for n, p in critic.named_parameters() if p.requires_grad]
@@ -130,6 +133,7 @@ def lora_actor(toy_dir, toy_rollout, tmp_path_factory):
     return out
 
 
+@needs_peft
 def test_lora_actor_is_a_plain_directory_with_the_trained_log_probs(lora_actor, toy_dir, monkeypatch):
     out = lora_actor
     assert not list(out.glob("adapter*"))
@@ -154,6 +158,7 @@ def test_lora_actor_is_a_plain_directory_with_the_trained_log_probs(lora_actor, 
                                 abs=1e-6)
 
 
+@needs_peft
 def test_lora_actor_resumes_after_a_kill(lora_actor, toy_dir, toy_rollout, tmp_path):
     out = tmp_path / "actor"
     proc = run_script(*dapo_args(toy_dir, toy_rollout, out, "--stop_after", "2"), env=ONE_THREAD)
@@ -164,6 +169,7 @@ def test_lora_actor_resumes_after_a_kill(lora_actor, toy_dir, toy_rollout, tmp_p
     assert [x["loss"] for x in read_log(out)] == pytest.approx([x["loss"] for x in read_log(lora_actor)], abs=1e-6)
 
 
+@needs_peft
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_lora_actor_on_two_ranks_resumed_equals_one_process(lora_actor, toy_dir, toy_rollout, tmp_path, sharding):
     out, extra = tmp_path / "actor", FSDP if sharding == "fsdp" else []
@@ -177,6 +183,7 @@ def test_lora_actor_on_two_ranks_resumed_equals_one_process(lora_actor, toy_dir,
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5)
 
 
+@needs_peft
 def test_first_step_log_ratio_is_zero_in_fp32_and_under_bf16_autocast(toy_dir, toy_rollout, tmp_path, monkeypatch):
     """The first step's mean |log pi / pi_ref| (measured before its update) with LoRA: log pi_ref is the base with
     the adapters disabled, log pi the adapted model at B = 0, in the same precision regime."""
@@ -206,6 +213,7 @@ def lora_critic(toy_dir, toy_rollout, tmp_path_factory):
     return out
 
 
+@needs_peft
 def test_lora_critic_is_a_plain_critic_with_the_trained_values(lora_critic, toy_dir, toy_rollout, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     critic = C.load_critic(str(lora_critic), "cpu")
@@ -222,6 +230,7 @@ def test_lora_critic_is_a_plain_critic_with_the_trained_values(lora_critic, toy_
     assert torch.equal(trained["backbone.embed_tokens.weight"], fresh["backbone.embed_tokens.weight"])  # frozen
 
 
+@needs_peft
 def test_lora_critic_under_fsdp_resumed_equals_one_process(lora_critic, toy_dir, toy_rollout, tmp_path):
     out = tmp_path / "critic"
     run_script("torchrun", "--nproc_per_node=2", *critic_args(toy_dir, toy_rollout, out, *FSDP, "--stop_after", "2"))
@@ -232,6 +241,7 @@ def test_lora_critic_under_fsdp_resumed_equals_one_process(lora_critic, toy_dir,
 
 
 # ============================================================================= tools/memory.py: LoRA and one GPU
+@needs_peft
 def test_memory_counts_lora_adapters_exactly_and_says_what_fits_one_gpu(toy_dir):
     sys.path.insert(0, "tools")
     import memory
