@@ -24,6 +24,7 @@ Training, one pass per solution:
     torchrun --nproc_per_node=8 critic.py ...          # same flags; --batch_size stays the global batch
     torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
+    python critic.py ... --lora_r 16   # LoRA: frozen backbone, adapters and value head trained (plumbing/lora.py)
 
 Reading order: the model, V(s . a) for stage B (value_alone, the plain definition, before action_values, the
 same numbers with each state read once), the loss, the data and the training loop come first; below the

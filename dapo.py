@@ -33,6 +33,7 @@ metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
     torchrun --nproc_per_node=8 dapo.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
+    python dapo.py ... --lora_r 16   # LoRA: frozen base (= pi_ref, adapters disabled), adapters trained, saved merged
 
 The defaults are the paper's settings for 7-8B models. The toy task (0.5M parameters, a few hundred states)
 takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_actions 64 (demo.sh).
