@@ -441,7 +441,7 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
 
 def last_logits(model, keep: int) -> dict:
     """The forward's argument that computes only the last `keep` columns of logits, for a model that takes it."""
-    forward = getattr(model, "module", model).forward  # under DDP the model is wrapped
+    forward = plain_model(getattr(model, "module", model)).forward  # under DDP wrapped; with LoRA a peft model
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
@@ -572,7 +572,7 @@ def main() -> None:
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
                             extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source}"
-                            + (f" base_dtype={cfg.base_dtype}" if cfg.lora_r else ""))  # bf16 base: other log pi_ref
+                            + (f" base_dtype={cfg.base_dtype}" if cfg.base_dtype != "float32" else ""))  # bf16 base
     if training is None:  # out_dir holds this run's finished actor
         cleanup_distributed()
         return
