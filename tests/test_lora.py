@@ -105,10 +105,13 @@ def test_critic_adapters_leave_the_value_head_in_full(toy_dir):
     (["--base_dtype", "bfloat16"], "needs --lora_r > 0"),
     (["--lora_r", "4", "--base_dtype", "float16"], "--base_dtype must be float32 or bfloat16"),
 ])
-def test_bad_lora_settings_are_one_line(flags, message):
+def test_bad_lora_settings_are_one_line(flags, message, monkeypatch):
     for script in (C, dapo):
         with pytest.raises(InputError, match=message):
             parse_config(script.Config, flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a bf16 base is for GPUs (bf16 autocast)
+    with pytest.raises(InputError, match="--base_dtype bfloat16 needs a GPU"):
+        parse_config(dapo.Config, ["--lora_r", "4", "--base_dtype", "bfloat16"])
 
 
 def test_lora_without_peft_is_one_line(toy_dir, toy_rollout, tmp_path, monkeypatch, capsys):
