@@ -24,6 +24,7 @@ Training, one pass per solution:
     torchrun --nproc_per_node=8 critic.py ...          # same flags; --batch_size stays the global batch
     torchrun --nproc_per_node=8 critic.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
     python critic.py ... --init_critic runs/toy/iter1/critic   # iterative DAPO: warm start
+    python critic.py ... --lora_r 16   # LoRA: frozen backbone, adapters and value head trained (plumbing/lora.py)
 
 Reading order: the model, V(s . a) for stage B (value_alone, the plain definition, before action_values, the
 same numbers with each state read once), the loss, the data and the training loop come first; below the
@@ -51,6 +52,7 @@ from transformers import AutoConfig, set_seed
 
 from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
+from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, trainable
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   passes_in_step, setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
@@ -64,7 +66,7 @@ HEAD_FILE = "value_head.pt"
 
 
 @dataclasses.dataclass
-class Config(TrackingConfig):
+class Config(LoraSettings, TrackingConfig):  # LoraSettings: --lora_r and its flags (plumbing.lora)
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (its solutions.jsonl is the "
                                                      "training data)")
     init: str = arg("runs/toy/sft", "backbone of a fresh critic: HF causal-LM directory, hub name or .gguf file "
@@ -118,13 +120,13 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_backbone(cls, path: str, device) -> "Critic":
-        """A fresh value head on the transformer of a causal-LM checkpoint (or of a critic directory)."""
+    def from_backbone(cls, path: str, device, dtype: torch.dtype = torch.float32) -> "Critic":
+        """A fresh value head (fp32) on the transformer of a causal-LM checkpoint (or of a critic directory)."""
         from transformers import AutoModel
 
         check_model_path(path, "critic backbone")
         try:
-            backbone = load_pretrained(AutoModel, path, torch.float32)  # a GGUF file works too, dequantised
+            backbone = load_pretrained(AutoModel, path, dtype)  # a GGUF file works too, dequantised
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: cannot load a backbone ({e})") from None
         return cls(backbone).to(device)
@@ -286,7 +288,7 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
     critic.train()
     disable_dropout(critic)  # trained as the function it is queried as (values_at, action_values: eval mode)
     model = distribute(critic, ddp, cfg.fsdp)  # under FSDP `critic` itself is sharded in place: model is critic
-    optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(critic), lr=cfg.lr, weight_decay=cfg.weight_decay)  # LoRA: adapters, head
     report_peak_memory("optimizer built")  # only with $DAPO_PEAK_MEMORY_FILE set (a diagnostic)
     meta = training.resume(critic, optimizer)
     step, loss = (meta["step"], meta["train_loss"]) if meta else (0, None)
@@ -379,34 +381,43 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
 
 def build_critic(cfg: Config, ddp, solutions: list[dict]) -> Critic:
     """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone; under
-    --fsdp sharded as it is loaded."""
-    critic = load_critic_for(cfg.init_critic or cfg.init, ddp, cfg.fsdp, fresh=not cfg.init_critic)
+    --fsdp sharded as it is loaded. With --lora_r, the backbone frozen with LoRA adapters (plumbing.lora), the
+    value head trained in full; the base is then loaded whole (in --base_dtype) and sharded after."""
+    source = cfg.init_critic or cfg.init
+    if cfg.lora_r:
+        dtype = base_dtype(cfg)
+        critic = (load_critic(source, ddp.device, dtype) if cfg.init_critic
+                  else Critic.from_backbone(source, ddp.device, dtype))
+    else:
+        critic = load_critic_for(source, ddp, cfg.fsdp, fresh=not cfg.init_critic)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in solutions for t in s["ids"]) >= vocab:
         raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
                          f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
-    return critic
+    return add_lora(critic, cfg, critic=True)
 
 
 def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None,
                 metrics: dict | None = None) -> None:
     """One directory: the backbone (save_pretrained), the value head, the tokenizer and metrics.json (when
     given). Written beside out_dir and renamed into place, so a directory named out_dir is always a complete
-    critic. `state` holds the critic's full weights when the module itself holds only a shard of them (FSDP)."""
-    state = critic.state_dict() if state is None else state
+    critic. `state` holds the critic's full weights when the module itself holds only a shard of them (FSDP).
+    With LoRA the adapters are merged into the backbone's weights (plumbing.lora): a plain critic."""
+    state = merged_state_dict(critic, critic.state_dict() if state is None else state)
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     with atomic_dir(out_dir) as tmp:
-        critic.backbone.save_pretrained(tmp, state_dict=part("backbone."))
+        plain_model(critic.backbone).save_pretrained(tmp, state_dict=part("backbone."))
         torch.save(part("value_head."), os.path.join(tmp, HEAD_FILE))
         tokenizer.save_pretrained(tmp)
         if metrics is not None:
             write_json_atomic(os.path.join(tmp, "metrics.json"), metrics)
 
 
-def load_critic(path: str, device) -> Critic:
-    """The critic saved by save_critic, ready for training or inference."""
-    critic = Critic.from_backbone(path, device)
-    critic.value_head.load_state_dict(read_head(path, device))
+def load_critic(path: str, device, dtype: torch.dtype = torch.float32) -> Critic:
+    """The critic saved by save_critic, ready for training or inference (the backbone in `dtype`)."""
+    head = read_head(path, device)
+    critic = Critic.from_backbone(path, device, dtype)
+    critic.value_head.load_state_dict(head)
     return critic
 
 

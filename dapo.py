@@ -33,6 +33,7 @@ metrics, run files); main() marks its lines ALGORITHM or MACHINERY.
         --out_dir runs/toy/iter1/actor
     torchrun --nproc_per_node=8 dapo.py ...   # the states of each global batch are split over the ranks
     torchrun --nproc_per_node=8 dapo.py ... --fsdp true   # 7-8B models: parameters, gradients, AdamW state sharded
+    python dapo.py ... --lora_r 16   # LoRA: frozen base (= pi_ref, adapters disabled), adapters trained, saved merged
 
 The defaults are the paper's settings for 7-8B models. The toy task (0.5M parameters, a few hundred states)
 takes --beta 0.3 --lr 1e-4 --epochs 4 --global_batch_actions 64 --micro_batch_actions 64 (demo.sh).
@@ -74,6 +75,7 @@ from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_max, all_ranks_sum, cleanup_distributed, clip_gradients, distribute,
                                   held_per_rank, is_sharded, on_all_ranks, passes_in_step, setup_distributed,
                                   sync_gradients)
+from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, reference_mode, trainable
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_sharded, load_tokenizer, set_precision)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
@@ -84,7 +86,7 @@ from critic import action_values, check_action_values, load_critic_for, value_al
 
 
 @dataclasses.dataclass
-class Config(TrackingConfig):
+class Config(LoraSettings, TrackingConfig):  # LoraSettings: --lora_r and its flags (plumbing.lora)
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; the actor starts from it "
                                       "(HF directory, hub name or .gguf file)")
     critic: str = arg("runs/toy/iter1/critic", "the critic directory of critic.py (unused with --q_source rollout)")
@@ -327,7 +329,8 @@ def train_actor(cfg: Config, ddp, training: TrainingRun, model, train: list[dict
     model.train()
     disable_dropout(model)  # log pi_ref came from eval mode: at theta = theta_ref log(pi / pi_ref) must be 0
     actor = distribute(model, ddp, cfg.fsdp)  # under FSDP `model` itself is sharded in place: actor is model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, betas=(0.9, 0.95),  # LoRA: the adapters only
+                                  weight_decay=cfg.weight_decay)
     report_peak_memory("optimizer built")  # only with $DAPO_PEAK_MEMORY_FILE set (a diagnostic)
     meta = training.resume(model, optimizer)
     start, log = (meta["step"], meta["log"]) if meta else (0, [])
@@ -455,8 +458,19 @@ def reference_logps(model, states: list[dict], batch_actions: int, desc: str | N
 
 def last_logits(model, keep: int) -> dict:
     """The forward's argument that computes only the last `keep` columns of logits, for a model that takes it."""
-    forward = getattr(model, "module", model).forward  # under DDP the model is wrapped
+    forward = plain_model(getattr(model, "module", model)).forward  # under DDP wrapped; with LoRA a peft model
     return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
+def load_policy(cfg: Config, ddp):
+    """The policy to train (pi_ref before its first update): whole, or under torchrun with --fsdp sharded as it is
+    loaded (plumbing.models.load_sharded: no rank holds a whole copy). With --lora_r the base is loaded whole on
+    each rank (in --base_dtype: 2 bytes per parameter in bf16), LoRA adapters added (plumbing.lora), then sharded."""
+    fsdp = cfg.fsdp and ddp.world_size > 1
+    if cfg.lora_r:
+        model = add_lora(load_causal_lm(cfg.policy, ddp.device, base_dtype(cfg)), cfg, critic=False)
+        return distribute(model, ddp, fsdp=True) if fsdp else model
+    return load_sharded(cfg.policy, AutoModelForCausalLM, ddp) if fsdp else load_causal_lm(cfg.policy, ddp.device)
 
 
 def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:
@@ -540,8 +554,8 @@ def save_actor(cfg: Config, ddp, model, tok, states: list[dict], train: list[dic
     state = full_state_dict(model) if cfg.fsdp else None
     if not ddp.is_main:
         return
-    with atomic_dir(cfg.out_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state)
+    with atomic_dir(cfg.out_dir) as tmp:  # with LoRA, the adapters merged into the weights: a plain model
+        plain_model(model).save_pretrained(tmp, state_dict=merged_state_dict(model, state))
         tok.save_pretrained(tmp)
         write_jsonl_atomic(os.path.join(tmp, "train_log.jsonl"), log)
         write_jsonl_atomic(os.path.join(tmp, "fit.jsonl"), fit)
@@ -590,7 +604,8 @@ def main() -> None:
               cfg.policy]
     training = TrainingRun.start(cfg, RESUME_IGNORES, inputs, "train_summary.json", ddp.world_size, ddp.is_main,
                                  extra=f"min_gap={cfg.min_gap} q_source={cfg.q_source} precision={cfg.precision} "
-                                       f"fsdp={cfg.fsdp and ddp.world_size > 1}")
+                                       f"fsdp={cfg.fsdp and ddp.world_size > 1}"
+                                       + (f" base_dtype={cfg.base_dtype}" if cfg.base_dtype != "float32" else ""))
     if training is None:  # out_dir holds this run's finished actor
         cleanup_distributed()
         return
@@ -608,17 +623,18 @@ def main() -> None:
 
     # ALGORITHM 4. log pi_ref with the policy itself, before its first update: no second model in memory, and the
     # same model, in the same precision regime, as the one trained (sharded under --fsdp), so that log(pi / pi_ref)
-    # is 0 at theta = theta_ref up to the rounding of differently composed batches.
-    model = (load_sharded(cfg.policy, AutoModelForCausalLM, ddp) if cfg.fsdp and ddp.world_size > 1
-             else load_causal_lm(cfg.policy, ddp.device))
+    # is 0 at theta = theta_ref up to the rounding of differently composed batches. With --lora_r the base is frozen
+    # and adapters are trained (plumbing.lora): pi_ref is the base, adapters off.
+    model = load_policy(cfg, ddp)
     # MACHINERY: shared rows where they give action_logp's numbers, else one row per pair (--packing).
     packed = check_packing(model, action_logps, action_logp, [(s["state_ids"], s["actions"]) for s in train],
                            "log pi(a|s)", mode=cfg.packing, quiet=not ddp.is_main)
     logps = action_logps if packed else pair_logps
     if "ref_logp" not in train[0]:
         model.eval()
-        ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
-                                                              "log pi_ref" if ddp.is_main else None, logps), train)
+        with reference_mode(model):
+            ref_logps = on_all_ranks(lambda part: reference_logps(model, part, cfg.ref_batch_size,
+                                                                  "log pi_ref" if ddp.is_main else None, logps), train)
         for s, ref_logp in zip(train, ref_logps, strict=True):
             s["ref_logp"] = ref_logp
         training.save_cache(CACHE, prepared)
