@@ -189,3 +189,55 @@ def test_no_rank_holds_a_whole_model_while_loading(toy_dir, toy_rollout, tmp_pat
           f"RssAnon per rank {large:.0f} MB, {small:.0f} MB on a tiny model: {(large - small) / fp32_mb:.2f} x fp32")
     assert 150e6 < parameters < 400e6
     assert large - small < 0.7 * fp32_mb
+
+
+SHARDED_LOADING = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from transformers import AutoModelForCausalLM
+import critic as C
+from plumbing.distributed import cleanup_distributed, setup_distributed
+from plumbing.models import load_causal_lm, load_sharded
+
+ddp = setup_distributed()
+ids = torch.tensor([[1, 5, 9, 2, 7, 7, 3, 11, 4, 6]])
+for path in {policies!r}:
+    whole, sharded = load_causal_lm(path, ddp.device), load_sharded(path, AutoModelForCausalLM, ddp)
+    same = all(torch.equal(p.full_tensor(), whole.state_dict()[n]) for n, p in sharded.named_parameters())
+    with torch.no_grad():
+        gap = (sharded(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+    print(f"rank {{ddp.rank}} {{path}}: shards equal {{same}}, logits {{gap}}", flush=True)
+whole, sharded = C.load_critic({critic!r}, ddp.device), C.load_critic_for({critic!r}, ddp, fsdp=True)
+with torch.no_grad():
+    gap = (sharded(ids, torch.ones_like(ids)) - whole(ids, torch.ones_like(ids))).abs().max().item()
+print(f"rank {{ddp.rank}} critic: values {{gap}}", flush=True)
+cleanup_distributed()
+"""
+
+
+def test_sharded_loading_gives_the_whole_models_weights(toy_dir, tmp_path):
+    """load_sharded's shards are the checkpoint's weights, bit for bit, and the sharded model computes what the whole
+    one does: from safetensors (rank 0 reads each tensor and broadcasts it), from .bin weights (rank 0 loads the
+    whole model once, the fallback a GGUF file also takes), and a critic from a critic directory (the backbone's
+    names with their prefix, the value head beside)."""
+    from safetensors.torch import load_file
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        (bin_dir / name).write_text((toy_dir / "sft" / name).read_text())
+    torch.save(load_file(str(toy_dir / "sft" / "model.safetensors")), bin_dir / "pytorch_model.bin")
+    critic_dir = tmp_path / "critic"
+    critic = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu")
+    torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+    C.save_critic(critic, C.load_tokenizer(str(toy_dir / "sft")), str(critic_dir))
+    script = tmp_path / "load.py"
+    script.write_text(SHARDED_LOADING.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             policies=[str(toy_dir / "sft"), str(bin_dir)], critic=str(critic_dir)))
+    out = run_script("torchrun", "--nproc_per_node=2", str(script)).stdout
+    for rank in (0, 1):
+        for path in (toy_dir / "sft", bin_dir):
+            assert f"rank {rank} {path}: shards equal True, logits 0.0" in out, out
+        assert f"rank {rank} critic: values 0.0" in out, out
+    assert out.count("rank 0 loads the whole model once") == 1  # the .bin directory only, and on rank 0 only
