@@ -52,7 +52,7 @@ from transformers import AutoConfig, set_seed
 
 from plumbing.checkpoints import full_state_dict
 from plumbing.cli import arg, InputError, parse_config, progress, run
-from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, trainable
+from plumbing.lora import add_lora, adapter_init, base_dtype, LoraSettings, merged_state_dict, plain_model, trainable
 from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradients, distribute, held_per_rank,
                                   passes_in_step, setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
@@ -382,19 +382,13 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
 def build_critic(cfg: Config, ddp, solutions: list[dict]) -> Critic:
     """A warm start from the previous critic (iterative DAPO), or a fresh value head on the backbone; under
     --fsdp sharded as it is loaded. With --lora_r, the backbone frozen with LoRA adapters (plumbing.lora), the
-    value head trained in full; the base is then loaded whole (in --base_dtype) and sharded after."""
-    source = cfg.init_critic or cfg.init
-    if cfg.lora_r:
-        dtype = base_dtype(cfg)
-        critic = (load_critic(source, ddp.device, dtype) if cfg.init_critic
-                  else Critic.from_backbone(source, ddp.device, dtype))
-    else:
-        critic = load_critic_for(source, ddp, cfg.fsdp, fresh=not cfg.init_critic)
+    value head trained in full."""
+    critic = load_critic_for(cfg.init_critic or cfg.init, ddp, cfg.fsdp, fresh=not cfg.init_critic, lora=cfg)
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in solutions for t in s["ids"]) >= vocab:
         raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
                          f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
-    return add_lora(critic, cfg, critic=True)
+    return critic
 
 
 def save_critic(critic: Critic, tokenizer, out_dir: str, state: dict | None = None,
@@ -429,14 +423,17 @@ def read_head(path: str, device) -> dict[str, torch.Tensor]:
     return torch.load(os.path.join(path, HEAD_FILE), map_location=device, weights_only=True)
 
 
-def load_critic_for(path: str, ddp, fsdp: bool, fresh: bool = False) -> Critic:
+def load_critic_for(path: str, ddp, fsdp: bool, fresh: bool = False, lora=None) -> Critic:
     """The critic of a critic directory (fresh: a fresh value head on the backbone of a causal LM) for this run:
     whole, or under torchrun with fsdp sharded over the ranks as it is loaded (plumbing.models.load_sharded: no
-    rank holds a whole copy)."""
+    rank holds a whole copy); with LoRA settings (lora: a config with --lora_r > 0), its backbone adapted
+    (plumbing.lora.add_lora) and in --base_dtype."""
     import torch.distributed as dist
 
+    dtype = base_dtype(lora) if lora is not None else torch.float32
+    adapt = (lambda critic: add_lora(critic, lora, critic=True)) if lora is not None else (lambda critic: critic)
     if not (fsdp and dist.is_initialized()):
-        return Critic.from_backbone(path, ddp.device) if fresh else load_critic(path, ddp.device)
+        return adapt(Critic.from_backbone(path, ddp.device, dtype) if fresh else load_critic(path, ddp.device, dtype))
     from transformers import AutoModel
 
     check_model_path(path, "critic backbone")
@@ -446,7 +443,9 @@ def load_critic_for(path: str, ddp, fsdp: bool, fresh: bool = False) -> Critic:
         head = {"weight": torch.zeros(1, hidden), "bias": torch.zeros(1)}
     else:
         head = read_head(path, "cpu")
-    return load_sharded(path, AutoModel, ddp, wrap=Critic, extra={f"value_head.{k}": v for k, v in head.items()})
+    head = {f"value_head.{k}": v for k, v in head.items()}
+    return load_sharded(path, AutoModel, ddp, wrap=lambda backbone: adapt(Critic(backbone)), dtype=dtype,
+                        extra=lambda critic: {**head, **(adapter_init(critic, lora.seed) if lora is not None else {})})
 
 
 def pad_right(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

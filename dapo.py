@@ -75,7 +75,8 @@ from plumbing.cli import arg, InputError, parse_config, progress, run
 from plumbing.distributed import (all_ranks_max, all_ranks_sum, cleanup_distributed, clip_gradients, distribute,
                                   held_per_rank, is_sharded, on_all_ranks, passes_in_step, setup_distributed,
                                   sync_gradients)
-from plumbing.lora import add_lora, base_dtype, LoraSettings, merged_state_dict, plain_model, reference_mode, trainable
+from plumbing.lora import (add_lora, adapter_init, base_dtype, LoraSettings, merged_state_dict, plain_model,
+                           reference_mode, trainable)
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_sharded, load_tokenizer, set_precision)
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
@@ -464,13 +465,13 @@ def last_logits(model, keep: int) -> dict:
 
 def load_policy(cfg: Config, ddp):
     """The policy to train (pi_ref before its first update): whole, or under torchrun with --fsdp sharded as it is
-    loaded (plumbing.models.load_sharded: no rank holds a whole copy). With --lora_r the base is loaded whole on
-    each rank (in --base_dtype: 2 bytes per parameter in bf16), LoRA adapters added (plumbing.lora), then sharded."""
-    fsdp = cfg.fsdp and ddp.world_size > 1
-    if cfg.lora_r:
-        model = add_lora(load_causal_lm(cfg.policy, ddp.device, base_dtype(cfg)), cfg, critic=False)
-        return distribute(model, ddp, fsdp=True) if fsdp else model
-    return load_sharded(cfg.policy, AutoModelForCausalLM, ddp) if fsdp else load_causal_lm(cfg.policy, ddp.device)
+    loaded (plumbing.models.load_sharded: no rank holds a whole copy); with --lora_r, LoRA adapters added to the
+    frozen base (plumbing.lora), in --base_dtype."""
+    adapt = lambda model: add_lora(model, cfg, critic=False)  # noqa: E731  (the model itself with --lora_r 0)
+    if cfg.fsdp and ddp.world_size > 1:
+        return load_sharded(cfg.policy, AutoModelForCausalLM, ddp, wrap=adapt, dtype=base_dtype(cfg),
+                            extra=lambda model: adapter_init(model, cfg.seed) if cfg.lora_r else {})
+    return adapt(load_causal_lm(cfg.policy, ddp.device, base_dtype(cfg)))
 
 
 def report_training_set(cfg: Config, states: list[dict], train: list[dict], is_main: bool) -> None:

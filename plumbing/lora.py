@@ -117,10 +117,32 @@ def add_lora(model, cfg, critic: bool):
     for p in adapted.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    with torch.no_grad():  # the same start whether the model is built whole or on the meta device (load_sharded)
+        start = adapter_init(adapted, getattr(cfg, "seed", 0))
+        for name, p in adapted.named_parameters():
+            if name in start and p.device.type != "meta":
+                p.copy_(start[name])
     if critic:
         model.backbone = adapted
         return model
     return adapted
+
+
+def adapter_init(model, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' starting values by parameter name (of model, or of a model holding a peft model: the names
+    as model.named_parameters gives them): every A as nn.Linear initialises its weight (Kaiming uniform), from
+    a generator seeded with `seed`, in the order of the names, every B zero, so that B A = 0. A function of the
+    names and shapes only: a model built on the meta device and filled shard by shard
+    (plumbing.models.load_sharded) starts where the same model built whole does."""
+    generator = torch.Generator().manual_seed(seed)
+    start = {}
+    for name, p in model.named_parameters():
+        if f".lora_A.{ADAPTER}." in name:
+            bound = 1 / p.shape[1] ** 0.5  # kaiming_uniform_(a=sqrt(5)) of a Linear: U(-1/sqrt(in), 1/sqrt(in))
+            start[name] = (torch.rand(p.shape, generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        elif f".lora_B.{ADAPTER}." in name:
+            start[name] = torch.zeros(p.shape, dtype=torch.float32)
+    return start
 
 
 def trainable(model) -> list[torch.nn.Parameter]:

@@ -226,8 +226,9 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
-def build_on_meta(path: str, auto_class):
-    """auto_class's model of the checkpoint at path, its parameters on the meta device (fp32 when materialised)."""
+def build_on_meta(path: str, auto_class, dtype: torch.dtype = torch.float32):
+    """auto_class's model of the checkpoint at path, its parameters on the meta device (in dtype when
+    materialised)."""
     from transformers import AutoConfig
 
     source, gguf = gguf_source(path)
@@ -236,7 +237,7 @@ def build_on_meta(path: str, auto_class):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the model's config ({e})") from None
     with parameters_on_meta():
-        return auto_class.from_config(config, dtype=torch.float32)
+        return auto_class.from_config(config, dtype=dtype)
 
 
 def safetensors_files(path: str) -> list[str] | None:
@@ -291,7 +292,7 @@ class CheckpointTensors:
             print(f"{path}: rank 0 loads the whole model once to fill the shards (no safetensors files with the "
                   "model's own parameter names and shapes)", flush=True)
             self.whole, self.found = load_pretrained(auto_class, path, torch.float32).state_dict(), {}
-            missing = [name for name in required if name not in self.whole]
+            missing = [name for name in required if not self.has(name)]
             if missing:
                 raise InputError(f"{path}: the checkpoint holds no {', '.join(missing[:3])}")
 
@@ -299,15 +300,16 @@ class CheckpointTensors:
     def candidates(name: str) -> list[str]:
         """Where a parameter of a base model (AutoModel, e.g. a critic's backbone) or of a causal LM may sit in a
         checkpoint saved from either: its own name, or with a base model's prefix added or removed."""
+        name = name.replace(".base_layer.", ".")  # a Linear that LoRA adapts (peft) holds the base as base_layer
         prefixes = ("model.", "transformer.", "backbone.")
         return [name, *(p + name for p in prefixes), *(name[len(p):] for p in prefixes if name.startswith(p))]
 
     def has(self, name: str) -> bool:
-        return name in self.found if self.whole is None else name in self.whole
+        return name in self.found if self.whole is None else name.replace(".base_layer.", ".") in self.whole
 
     def get(self, name: str) -> torch.Tensor:
         if self.whole is not None:
-            return self.whole[name]
+            return self.whole[name.replace(".base_layer.", ".")]
         f, key = self.found[name]
         return f.get_tensor(key)
 
@@ -315,8 +317,8 @@ class CheckpointTensors:
 @torch.no_grad()
 def fill_shards(model, read, names: list[str], device: torch.device) -> None:
     """Give the sharded model (after to_empty) its values: for each name, rank 0 reads the full tensor (read(name)),
-    broadcasts it in fp32, and every rank copies its own slice into its shard. At most one full tensor is in flight
-    per rank."""
+    broadcasts it in the target's dtype, and every rank copies its own slice into its shard. At most one full
+    tensor is in flight per rank."""
     import torch.distributed as dist
     from torch.distributed.tensor import distribute_tensor
 
@@ -324,8 +326,8 @@ def fill_shards(model, read, names: list[str], device: torch.device) -> None:
     tensors.update(model.named_buffers())
     for name in names:
         target = tensors[name]
-        full = (read(name).to(device=device, dtype=torch.float32) if dist.get_rank() == 0
-                else torch.empty(target.shape, dtype=torch.float32, device=device))
+        full = (read(name).to(device=device, dtype=target.dtype) if dist.get_rank() == 0
+                else torch.empty(target.shape, dtype=target.dtype, device=device))
         dist.broadcast(full, src=0)
         if hasattr(target, "device_mesh"):  # a DTensor: this rank's slice, as FSDP2 cuts it
             full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
@@ -334,19 +336,20 @@ def fill_shards(model, read, names: list[str], device: torch.device) -> None:
         del full
 
 
-def load_sharded(path: str, auto_class, ddp, wrap=None, extra: dict[str, torch.Tensor] | None = None):
-    """The model of path, sharded by FSDP2 over the ranks, no rank holding a whole copy on the way: built on
-    the meta device, sharded (plumbing.distributed.distribute), each rank's shards allocated on its device, then
-    filled from the checkpoint (fill_shards). wrap(model) builds a model around it, on the meta device too (the
-    critic around its backbone), whose own parameters come from extra (full tensors by name, on every rank).
-    Every rank must call it."""
+def load_sharded(path: str, auto_class, ddp, wrap=None, extra=None, dtype: torch.dtype = torch.float32):
+    """The model of path (its weights in dtype), sharded by FSDP2 over the ranks, no rank holding a whole copy on
+    the way: built on the meta device, sharded (plumbing.distributed.distribute), each rank's shards allocated on
+    its device, then filled from the checkpoint (fill_shards). wrap(model) builds a model around it, on the meta
+    device too (the critic around its backbone, LoRA adapters in its layers), whose own parameters come from
+    extra(wrapped model): full tensors by name, on every rank. Every rank must call it."""
     import torch.distributed as dist
 
     from plumbing.distributed import distribute
 
-    inner = build_on_meta(path, auto_class)
+    inner = build_on_meta(path, auto_class, dtype)
     with parameters_on_meta():
         model = wrap(inner) if wrap else inner
+    extra = extra(model) if extra else {}
     prefix = "" if model is inner else next(n + "." for n, m in model.named_modules() if m is inner)
     distribute(model, ddp, fsdp=True)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # computed by their modules
@@ -354,7 +357,6 @@ def load_sharded(path: str, auto_class, ddp, wrap=None, extra: dict[str, torch.T
     with torch.no_grad():
         for n, b in model.named_buffers():
             b.copy_(buffers[n])
-    extra = extra or {}
     saved = set(model.state_dict())  # parameters and persistent buffers
     required = {n.removeprefix(prefix): p.shape for n, p in model.named_parameters() if n not in extra}
     optional = {n.removeprefix(prefix): b.shape for n, b in model.named_buffers() if n in saved and n not in extra}

@@ -224,7 +224,8 @@ def test_lora_critic_is_a_plain_critic_with_the_trained_values(lora_critic, toy_
     heldout = C.split_by_question(C.load_solutions(str(toy_rollout / "solutions.jsonl")), 0.2)[1]
     again = C.heldout_metrics(critic, heldout, 64)  # the merged critic's held-out MSE is the trained critic's
     assert again["mse"] == pytest.approx(metrics["heldout"]["mse"], abs=1e-6)
-    assert again["pearson_r"] == pytest.approx(metrics["heldout"]["pearson_r"], abs=1e-5)
+    # r over a few held-out states moves with the rounding of the merge more than the MSE does
+    assert again["pearson_r"] == pytest.approx(metrics["heldout"]["pearson_r"], abs=1e-4)
     fresh = C.Critic.from_backbone(str(toy_dir / "sft"), "cpu").state_dict()
     trained = critic.state_dict()
     assert trained["value_head.weight"].abs().max() > 1e-3  # the head trained in full
