@@ -75,8 +75,9 @@ class Config(TrackingConfig):
     init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); "
                                         "--init is then unused")
     policy: str | None = arg(None, "the policy that made the rollout, whose tokenizer its token ids are in (default: "
-                                   "the model of the rollout's summary.json, else --init); a critic with another "
-                                   "tokenizer reads the text (plumbing/retokenize.py)")
+                                   "the model of the rollout's summary.json, else the critic's own: --init_critic "
+                                   "or --init); a critic with another tokenizer reads the text "
+                                   "(plumbing/retokenize.py)")
     out_dir: str = arg("runs/toy/iter1/critic", "where the critic directory (backbone, value head, tokenizer, "
                                                 "metrics.json) goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
@@ -384,7 +385,7 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict], d
 
 def rollout_policy(cfg: Config) -> tuple[str, bool]:
     """The policy whose token ids the rollout holds, and whether it was named (--policy, or the model in the
-    rollout's summary.json) rather than assumed (--init: the critic starts from the policy by default)."""
+    rollout's summary.json) rather than assumed (the critic's source: it starts from the policy by default)."""
     if cfg.policy:
         return cfg.policy, True
     summary = os.path.join(cfg.rollout_dir, "summary.json")
@@ -393,7 +394,7 @@ def rollout_policy(cfg: Config) -> tuple[str, bool]:
             model = json.load(f).get("config", {}).get("model")
         if isinstance(model, str) and model:
             return model, True
-    return cfg.init, False
+    return cfg.init_critic or cfg.init, False
 
 
 def critic_solutions(cfg: Config, path: str) -> tuple[list[dict], dict]:

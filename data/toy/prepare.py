@@ -55,8 +55,9 @@ NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts
 # Words get their own tokens (with a leading space), so do a step's operation name ("Subtract: ") and \boxed{;
 # anything else is one character.
 PRETOKENIZE = r"\\boxed\{|[A-Za-z]+: | ?[A-Za-z]+|[\s\S]"
-# The strong critic's backbone (--strong_critic true) has a tokenizer of its own: whole words without their space,
-# whole numbers, anything else one character. Its token ids mean nothing to the policy's tokenizer, and back.
+# The strong critic's backbone (--strong_critic true) has a tokenizer of its own, a BPE over characters whose merges
+# make every word of the task (without its space) and every number below 100 one token; any other text is spelled
+# in smaller pieces, so it encodes whatever the policy writes. Its ids mean nothing to the policy's tokenizer.
 STRONG_PRETOKENIZE = r"\\boxed\{|[A-Za-z]+|\d+|[\s\S]"
 # The varied toy (--varied true): every step ends with a remark of two free words, drawn uniformly from 16 x 16 = 256,
 # that says nothing about the step's value. Two sampled steps are then rarely the same text, as with a real model.
@@ -89,9 +90,9 @@ class Config:
     strong_critic: bool = arg(False, "build only out_dir/strong/, the backbone of a critic stronger than the policy "
                                      "(docs/toy.md): correct solutions only, --strong_* sizes, its own tokenizer "
                                      "(whole words and numbers); train.jsonl, test.jsonl and sft/ are left as they are")
-    strong_hidden_size: int = arg(192, "--strong_critic: width of its Llama")
+    strong_hidden_size: int = arg(160, "--strong_critic: width of its Llama")
     strong_layers: int = arg(4, "--strong_critic: depth of its Llama")
-    strong_examples: int = arg(48000, "--strong_critic: its correct worked solutions (language-model training)")
+    strong_examples: int = arg(24000, "--strong_critic: its correct worked solutions (language-model training)")
 
 
 # ----------------------------------------------------------------------------- problems
@@ -152,16 +153,35 @@ def make_split(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]
 
 
 # ----------------------------------------------------------------------------- tokenizer and model
-def build_tokenizer(corpus: list[str], pieces: str = PRETOKENIZE):
+def build_tokenizer(corpus: list[str]):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = {m for text in corpus for m in re.findall(pieces, text)}
+    pieces = {m for text in corpus for m in re.findall(PRETOKENIZE, text)}
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = specials + chars + sorted(words - set(chars))
+    vocab = specials + chars + sorted(pieces - set(chars))
     tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
+    tk.decoder = decoders.Fuse()  # concatenate the pieces back: decode(encode(x)) == x
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def build_strong_tokenizer(corpus: list[str]):
+    """The strong critic's tokenizer (STRONG_PRETOKENIZE): a BPE trained on the corpus and the numbers 0-99 until
+    every piece is one token, over every printable character and the line end, so decode(encode(x)) == x for any
+    text the policy can write."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(STRONG_PRETOKENIZE), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=1, special_tokens=specials, initial_alphabet=chars,
+                                  show_progress=False)
+    tk.train_from_iterator(corpus + [str(n) for n in range(100)], trainer)
     tk.decoder = decoders.Fuse()  # concatenate the pieces back: decode(encode(x)) == x
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
@@ -237,7 +257,7 @@ def strong_critic_backbone(corpus: list[str], t0: float) -> None:
     global CFG
     CFG = dataclasses.replace(CFG, trap_error=0.0, hidden_size=CFG.strong_hidden_size, num_layers=CFG.strong_layers,
                               sft_examples=CFG.strong_examples, seed=CFG.seed + 7)
-    tok = build_tokenizer(corpus, STRONG_PRETOKENIZE)
+    tok = build_strong_tokenizer(corpus)
     model = build_model(tok)
     print(f"strong critic backbone: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab "
           f"{len(tok)} (its own tokenizer), correct solutions only")
