@@ -26,6 +26,12 @@ really a mean over many. With --varied true every step of the warm start's data 
 words drawn at random ("Add: 3+2=5 calm river"), which does not change its value: sampled steps are then nearly
 all distinct, while the planted mistake stays. The default toy is unchanged by the option (same seed, same files).
 
+The strong critic (--strong_critic true) writes only out_dir/strong/: the backbone of a critic better at the task
+than the policy, trained like the warm start on correct solutions only (no planted mistake), wider and deeper,
+with a tokenizer of its own (STRONG_PRETOKENIZE), so that critic.py and dapo.py give it the policy's text in its
+own tokens (plumbing/retokenize.py), as the paper's Qwen2.5-Math critic reads a Llama policy's. docs/toy.md, "A
+critic stronger than the policy", measures what it buys.
+
 Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
 With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
 3-layer critic has to line step i up with the i-th operation of the question, which it learns less well from
