@@ -271,3 +271,28 @@ def test_a_rollout_in_another_tokenizer_than_the_assumed_policy_is_refused(dirs,
     cfg.policy = dirs["policy"]
     train, _, tokens = C.read_inputs(cfg, 1)
     assert tokens["critic_reads"].startswith("its own tokens") and train
+
+
+def test_advantage_quality_asks_a_critic_of_another_tokenizer_as_dapo_does(dirs, tmp_path):
+    """data/toy/advantage_quality.py --strong_critic: the Q values of a critic with its own tokenizer are
+    dapo.py's (the text of s . a in the critic's tokens)."""
+    import importlib.util
+    import sys
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("toy_advantage_quality",
+                                                  os.path.join(ROOT, "data", "toy", "advantage_quality.py"))
+    aq = sys.modules["toy_advantage_quality"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aq)
+    critic_tok = load_tokenizer(dirs["backbone"])
+    C.save_critic(random_critic(dirs["backbone"]), critic_tok, str(tmp_path / "critic"))
+    where = os.path.join(dirs["rollout"], "states.jsonl")
+    states = dapo.read_states(where, completion_rewards=False)
+    got = aq.critic_q_values(str(tmp_path / "critic"), load_tokenizer(dirs["policy"]), states, where)
+    cfg = parse_config(dapo.Config, ["--policy", dirs["policy"], "--critic", str(tmp_path / "critic"),
+                                     "--rollout_dir", dirs["rollout"]])
+    want = dapo.critic_q_values(cfg, torch.device("cpu"), states)
+    assert torch.tensor([v for q in got for v in q]).std() > 1e-3
+    torch.testing.assert_close(torch.tensor([v for q in got for v in q]), torch.tensor([v for q in want for v in q]),
+                               rtol=0, atol=1e-6)
