@@ -7,7 +7,8 @@ policy, continuing from s, ends with a correct answer. It estimates V^{pi_ref}; 
 
 Training, one pass per solution:
   1. Read solutions.jsonl: each kept solution's token ids, where each state s_t ends (step_ends[t]) and its
-     MC label V_hat(s_t) (mc_values[t]).
+     MC label V_hat(s_t) (mc_values[t]). The ids are the policy's: a critic whose tokenizer is another reads
+     the text of each state in its own tokens instead (plumbing/retokenize.py, which gives the exact rule).
   2. Hold out whole questions (never single states: states of one question share prefixes, so a split by
      state would leak) for the metrics.
   3. Causal attention means the hidden state at position step_ends[t] - 1 of the whole solution is the
@@ -41,6 +42,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -57,6 +59,7 @@ from plumbing.distributed import (all_ranks_sum, cleanup_distributed, clip_gradi
                                   passes_in_step, setup_distributed, sync_gradients)
 from plumbing.models import (autocast, check_model_path, check_shardable, disable_dropout, enable_checkpointing,
                              gguf_source, load_pretrained, load_sharded, load_tokenizer, set_precision)
+from plumbing.retokenize import critic_tokens, describe
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic
 from plumbing.shared_prefix import check_packing, pack, shared_prefix_rows
 from plumbing.tracking import start_tracking, TrackingConfig
@@ -73,6 +76,10 @@ class Config(LoraSettings, TrackingConfig):  # LoraSettings: --lora_r and its fl
                                     "(the policy by default)")
     init_critic: str | None = arg(None, "warm start from this critic directory instead (iterative DAPO); "
                                         "--init is then unused")
+    policy: str | None = arg(None, "the policy that made the rollout, whose tokenizer its token ids are in (default: "
+                                   "the model of the rollout's summary.json, else the critic's own: --init_critic "
+                                   "or --init); a critic with another tokenizer reads the text "
+                                   "(plumbing/retokenize.py)")
     out_dir: str = arg("runs/toy/iter1/critic", "where the critic directory (backbone, value head, tokenizer, "
                                                 "metrics.json) goes")
     loss: str = arg("mse", "mse: (V - V_hat)^2 (arXiv version) | bce: soft-label cross-entropy (NeurIPS version)")
@@ -335,10 +342,11 @@ def train_critic(cfg: Config, ddp, training: TrainingRun, critic: Critic, train:
 
 
 # ===================== machinery (a learner may skip: input validation, loading and saving, the packing check, metrics)
-def load_solutions(path: str) -> list[dict]:
+def load_solutions(path: str, policy_tok=None, policy: str = "") -> list[dict]:
     """solutions.jsonl, validated in full: {qid, ids, value_positions, mc_values, weights} per solution, where
     value_positions[t] = step_ends[t] - 1 is the last token of state s_t and weights[t] its loss weight
-    (state_weights)."""
+    (state_weights). With policy_tok (a tokenizer assumed, not named), a solution whose ids do not decode to its
+    text (rollout.py writes it) is refused: its ids are another tokenizer's."""
     solutions = []
     for r in read_jsonl(path, required=("qid", "ids", "step_ends", "mc_values")):
         where = f"{path} line {r['_line']}"
@@ -351,6 +359,10 @@ def load_solutions(path: str) -> list[dict]:
             raise InputError(f"{where}: every step end must be a position in 1..len(ids) = {len(ids)}")
         if not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in labels):
             raise InputError(f"{where}: MC labels must be numbers in [0, 1], got {labels}")
+        if policy_tok is not None and isinstance(r.get("text"), str) and isinstance(r.get("prompt_len"), int):
+            if policy_tok.decode(ids[r["prompt_len"]:], skip_special_tokens=True) != r["text"]:
+                raise InputError(f"{where}: its token ids are not its text in the tokenizer of {policy}, assumed to "
+                                 "be the rollout's policy: name the policy that made the rollout with --policy")
         # Tokens after the last state's end (the final action) carry no label: drop them.
         solutions.append({"qid": str(r["qid"]), "ids": ids[: max(ends)], "value_positions": [e - 1 for e in ends],
                           "mc_values": [float(v) for v in labels]})
@@ -358,16 +370,18 @@ def load_solutions(path: str) -> list[dict]:
     return solutions
 
 
-def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
-    """Steps 1-2, before anything is written: the settings checked, solutions.jsonl read and validated in full,
-    the held-out questions set aside. (train, held-out)."""
+def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict], dict]:
+    """Steps 1-2, before anything is written: the settings checked, solutions.jsonl read and validated in full
+    (in the critic's tokens), the held-out questions set aside. (train, held-out, how the critic reads the
+    policy's tokens)."""
     if cfg.loss not in ("mse", "bce"):
         raise InputError(f"--loss must be mse or bce, got {cfg.loss!r}")
     if cfg.batch_size % (cfg.micro_batch_size * world_size):
         raise InputError(f"--batch_size {cfg.batch_size} must be a multiple of --micro_batch_size x ranks "
                          f"= {cfg.micro_batch_size * world_size}")
     path = os.path.join(cfg.rollout_dir, "solutions.jsonl")
-    train, heldout = split_by_question(load_solutions(path), cfg.heldout_fraction)
+    solutions, tokens = critic_solutions(cfg, path)
+    train, heldout = split_by_question(solutions, cfg.heldout_fraction)
     if len(train) < cfg.batch_size:  # a last partial batch is dropped: every rank does the same work
         note = paper_defaults_note("critic.py", cfg, 0, TOY_FLAGS)
         raise InputError(f"{path}: {len(train)} training solutions, fewer than one batch "
@@ -376,7 +390,36 @@ def read_inputs(cfg: Config, world_size: int) -> tuple[list[dict], list[dict]]:
         from transformers import AutoModel
 
         check_shardable(cfg.init_critic or cfg.init, AutoModel)
-    return train, heldout
+    return train, heldout, tokens
+
+
+def rollout_policy(cfg: Config) -> tuple[str, bool]:
+    """The policy whose token ids the rollout holds, and whether it was named (--policy, or the model in the
+    rollout's summary.json) rather than assumed (the critic's source: it starts from the policy by default)."""
+    if cfg.policy:
+        return cfg.policy, True
+    summary = os.path.join(cfg.rollout_dir, "summary.json")
+    if os.path.isfile(summary):
+        with open(summary, encoding="utf-8") as f:
+            model = json.load(f).get("config", {}).get("model")
+        if isinstance(model, str) and model:
+            return model, True
+    return cfg.init_critic or cfg.init, False
+
+
+def critic_solutions(cfg: Config, path: str) -> tuple[list[dict], dict]:
+    """solutions.jsonl in the critic's tokens: the policy's token ids as they are when the critic shares the
+    policy's tokenizer, else each state's text in the critic's own tokens (plumbing/retokenize.py), and what
+    the critic directory records of it."""
+    policy, named = rollout_policy(cfg)
+    policy_tok = load_tokenizer(policy)
+    solutions = load_solutions(path, None if named else policy_tok, policy)
+    critic_tok = load_tokenizer(cfg.init_critic or cfg.init)
+    tokens = critic_tokens(policy_tok, critic_tok, path)
+    if tokens is not None:
+        solutions = tokens.solutions(solutions)
+        state_weights(solutions)
+    return solutions, describe(policy, policy_tok, critic_tok)
 
 
 def build_critic(cfg: Config, ddp, solutions: list[dict]) -> Critic:
@@ -387,7 +430,7 @@ def build_critic(cfg: Config, ddp, solutions: list[dict]) -> Critic:
     vocab = critic.backbone.get_input_embeddings().num_embeddings
     if max(t for s in solutions for t in s["ids"]) >= vocab:
         raise InputError(f"{os.path.join(cfg.rollout_dir, 'solutions.jsonl')}: token ids beyond the critic's "
-                         f"vocabulary ({vocab}); the critic must share the policy's tokenizer")
+                         f"embeddings ({vocab}): its tokenizer has more tokens than its backbone")
     return critic
 
 
@@ -530,13 +573,13 @@ def report_metrics(tracker, m: dict, step: int) -> None:
 # ============================================================================= main
 # The paper's steps: lines under an ALGORITHM comment are the algorithm; those under MACHINERY a learner may skip.
 def main() -> None:
-    # MACHINERY: settings, DDP, the rerun rule. ALGORITHM 1-2: the solutions with their MC labels, held-out
-    # questions set aside (read and checked in full before anything is written).
+    # MACHINERY: settings, DDP, the rerun rule. ALGORITHM 1-2: the solutions with their MC labels (in the critic's
+    # tokens), held-out questions set aside (read and checked in full before anything is written).
     cfg = parse_config(Config)
     set_precision(cfg.precision)
     ddp = setup_distributed()
     set_seed(cfg.seed)
-    train, heldout = read_inputs(cfg, ddp.world_size)
+    train, heldout, tokens = read_inputs(cfg, ddp.world_size)
     tracker = start_tracking(cfg, "critic.py", ddp.is_main)
     source = cfg.init_critic or cfg.init
     training = TrainingRun.start(cfg, RESUME_IGNORES, [os.path.join(cfg.rollout_dir, "solutions.jsonl"), source],
@@ -566,7 +609,8 @@ def main() -> None:
             report_metrics(tracker, metrics, len(train) // cfg.batch_size * cfg.epochs)
         save_critic(critic, tok, cfg.out_dir, state, {
             "heldout": metrics, "train_solutions": len(train), "steps": len(train) // cfg.batch_size * cfg.epochs,
-            "final_train_loss": loss, "seconds": round(time.time() - t0, 1), "config": dataclasses.asdict(cfg)})
+            "final_train_loss": loss, "seconds": round(time.time() - t0, 1), "tokens": tokens,
+            "config": dataclasses.asdict(cfg)})
         print(f"critic saved to {cfg.out_dir}")
     training.finish()
     cleanup_distributed()  # its barrier keeps the other ranks until rank 0 has saved

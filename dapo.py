@@ -5,7 +5,8 @@ With pi_ref = the policy that generated the rollout (the SFT model in iteration 
 stage A, for every state s of states.jsonl and its M candidate actions a_1..a_M (the first steps of its M
 completions):
   1. Q(s, a_i) = r(s, a_i), the graded reward, when a_i ends the solution (V of a finished solution is 0),
-     else V_phi(s . a_i). The critic is freed afterwards. (--q_source rollout, an ablation without a
+     else V_phi(s . a_i) (a critic with its own tokenizer reads the text of s . a_i: plumbing/retokenize.py).
+     The critic is freed afterwards. (--q_source rollout, an ablation without a
      critic: Q(s, a_i) = the graded reward of a_i's own completion, one Monte-Carlo sample.)
   2. Advantage (eq. 13): A(s, a_i) = Q(s, a_i) - (1/M) sum_j Q(s, a_j), all M candidates, duplicates included.
   3. Training set: the unique candidates of every state whose advantage gap max A - min A is at least
@@ -79,6 +80,7 @@ from plumbing.lora import (add_lora, adapter_init, base_dtype, LoraSettings, mer
                            reference_mode, trainable)
 from plumbing.models import (autocast, check_shardable, disable_dropout, enable_checkpointing, load_causal_lm,
                              load_sharded, load_tokenizer, set_precision)
+from plumbing.retokenize import critic_tokens
 from plumbing.runfiles import atomic_dir, read_jsonl, warn_useless_data, write_json_atomic, write_jsonl_atomic
 from plumbing.shared_prefix import check_packing, pack, PACKING, shared_prefix_rows
 from plumbing.tracking import start_tracking, TrackingConfig
@@ -425,9 +427,14 @@ def critic_q_values(cfg: Config, ddp, states: list[dict]) -> list[list[float]]:
     """Step 1 with the critic of critic.py, loaded for this (whole on each rank, or sharded under --fsdp, as it was
     trained) and freed on return; its states and actions packed in shared rows where that is exact (--packing)."""
     critic = load_critic_for(cfg.critic, ddp, cfg.fsdp)
-    packed = check_action_values(critic, [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]])
-                                          for s in states], cfg.packing, quiet=not ddp.is_main)
+    # A critic with another tokenizer than the policy's reads the text of s . a in its own tokens (None: the same).
+    tokens = critic_tokens(load_tokenizer(cfg.policy), load_tokenizer(cfg.critic),
+                           os.path.join(cfg.rollout_dir, "states.jsonl"))
+    asked = [(s["state_ids"], [a["ids"] for a in s["actions"] if not a["terminal"]]) for s in states]
+    packed = check_action_values(critic, tokens.asked(asked)[0] if tokens else asked, cfg.packing,
+                                 quiet=not ddp.is_main)
     values = lambda part: action_values(critic, part, batch_actions=cfg.critic_batch_size, packed=packed)  # noqa: E731
+    values = tokens.through(values) if tokens else values
     q = q_values(states, lambda asked: on_all_ranks(values, asked))
     critic = None  # empty the closure's cell too, so the memory is released before empty_cache
     gc.collect()

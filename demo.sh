@@ -9,6 +9,8 @@
 #   DEMO_SEED=1 bash demo.sh     # another seed of the toy task and warm start, in runs/toy-seed1
 #   DEMO_TOY=varied bash demo.sh # the varied toy (every step ends with a free two-word remark), in runs/varied
 #   DEMO_M=4 bash demo.sh        # M = 4 completions per state instead of 16, in runs/toy-M4
+#   DEMO_CRITIC=strong bash demo.sh  # the critic on a stronger backbone with its own tokenizer (prepare.py
+#                                # --strong_critic true; docs/toy.md), not the policy's, in runs/toy-strong
 #   DEMO_CORES=4 bash demo.sh    # threads / rollout ranks of a stage that runs alone (default 2, as measured)
 #   OUT=runs/other bash demo.sh  # another output folder
 #   DEMO_REPORT_TO=tensorboard bash demo.sh  # every stage also reports to TensorBoard (OUT/**/*.tensorboard/)
@@ -22,8 +24,11 @@ cd "$(dirname "$0")"
 SEED=${DEMO_SEED:-0}
 TOY=${DEMO_TOY:-toy}
 case "$TOY" in toy|varied) ;; *) echo "error: DEMO_TOY must be toy or varied, got '$TOY'" >&2; exit 2 ;; esac
+CRITIC_KIND=${DEMO_CRITIC:-policy}
+case "$CRITIC_KIND" in policy|strong) ;; *) echo "error: DEMO_CRITIC must be policy or strong, got '$CRITIC_KIND'" >&2; exit 2 ;; esac
 # runs/toy, runs/toy-seed1, runs/toy-smoke-seed1, runs/varied-seed2-M4, ...
 SUFFIX=$([ "$SEED" = 0 ] && echo "" || echo "-seed$SEED")$([ -z "${DEMO_M:-}" ] && echo "" || echo "-M$DEMO_M")
+SUFFIX=$SUFFIX$([ "$CRITIC_KIND" = strong ] && echo "-strong" || echo "")
 PY=${PYTHON:-python}
 # Two cores. A stage that runs alone uses both: the warm start, critic and DAPO as two threads (their time is the
 # matrix products of the tiny model), the rollout as two ranks under torchrun (its time is many small decoding steps,
@@ -38,6 +43,7 @@ if [ "${DEMO_SMOKE:-0}" = "1" ]; then
   KIND=smoke
   OUT=${OUT:-runs/$TOY-smoke$SUFFIX}
   PREPARE="--num_train 24 --num_test 16 --sft_examples 2048"
+  STRONG="--strong_examples 2048"
   M=${DEMO_M:-4}
   ROLLOUT="--max_questions 12 --n1 4 --n_keep 2 --M $M"
   CRITIC="--epochs 1 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.25"
@@ -47,6 +53,7 @@ else
   KIND=full
   OUT=${OUT:-runs/$TOY$SUFFIX}
   PREPARE=""
+  STRONG=""
   M=${DEMO_M:-16}
   ROLLOUT="--max_questions 512 --n1 8 --n_keep 4 --M $M --batch_size 256"
   CRITIC="--epochs 8 --batch_size 16 --micro_batch_size 16 --lr 1e-3 --heldout_fraction 0.1"
@@ -61,6 +68,7 @@ fi
 REPORT=()  # DEMO_REPORT_TO=tensorboard (or wandb): every stage reports its metrics (docs/pipeline.md, "Logs")
 [ -z "${DEMO_REPORT_TO:-}" ] || REPORT=(--report_to "$DEMO_REPORT_TO")
 KIND_LINE="$KIND$([ "$TOY" = toy ] || echo " $TOY")$([ -z "${DEMO_M:-}" ] || echo " M=$DEMO_M")"  # OUT/demo_kind
+KIND_LINE="$KIND_LINE$([ "$CRITIC_KIND" = policy ] || echo " critic=strong")"
 
 if [ -e "$OUT/demo_kind" ] && [ "$(cat "$OUT/demo_kind")" != "$KIND_LINE" ]; then
   echo "error: $OUT holds a $(cat "$OUT/demo_kind") run of demo.sh, not a $KIND_LINE one: set OUT to another folder or remove it" >&2
@@ -102,6 +110,12 @@ wait_beside() {  # the background stages have finished, or the demo stops with t
 WALL0=$(date +%s%N)
 
 stage prepare "$OUT/sft" $ALONE data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE
+CRITIC_INIT=()  # the critic's backbone: the policy's (the default), or the strong one with its own tokenizer
+if [ "$CRITIC_KIND" = strong ]; then
+  stage prepare-strong "$OUT/strong" $ALONE data/toy/prepare.py --out_dir "$OUT" --seed "$SEED" $PREPARE $STRONG \
+    --strong_critic true
+  CRITIC_INIT=(--init "$OUT/strong")
+fi
 beside eval-base "$OUT/base/eval/summary.json" \
   $PY eval.py --model "$OUT/sft" --data "$OUT/test.jsonl" --out_dir "$OUT/base/eval" $EVAL $TOKENS "${REPORT[@]}"
 
@@ -117,7 +131,7 @@ for IT in 1 2; do
       $ALONE dapo.py --policy "$POLICY" --q_source rollout --rollout_dir "$D/rollout" --out_dir "$D/no-critic/actor" $DAPO "${REPORT[@]}"
   fi
   stage "iter$IT-critic" "$D/critic" \
-    $ALONE critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC "${REPORT[@]}"
+    $ALONE critic.py --rollout_dir "$D/rollout" --init "$POLICY" "${CRITIC_INIT[@]}" "${PREV_CRITIC[@]}" --out_dir "$D/critic" $CRITIC "${REPORT[@]}"
   # Stage B: advantages from the critic, the DAPO loss, a new actor that is the next iteration's policy.
   stage "iter$IT-dapo" "$D/actor" \
     $ALONE dapo.py --policy "$POLICY" --critic "$D/critic" --rollout_dir "$D/rollout" --out_dir "$D/actor" $DAPO "${REPORT[@]}"
@@ -134,16 +148,16 @@ done
 wait_beside
 printf 'wall\t%s\n' "$(( ($(date +%s%N) - WALL0) / 1000000 ))" >> "$OUT/wall_ms.tsv"  # this run, stages side by side
 
-$PY - "$OUT" "$KIND" "$TOY" "$M" <<'EOF'
+$PY - "$OUT" "$KIND" "$TOY" "$M" "$CRITIC_KIND" <<'EOF'
 import json, os, platform, sys
-out, kind, toy, m = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+out, kind, toy, m, critic = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 load = lambda *p: json.load(open(os.path.join(out, *p)))
 seconds = {}
 for line in open(os.path.join(out, "stage_ms.tsv")):
     name, ms = line.split("\t")
     seconds[name] = seconds.get(name, 0.0) + int(ms) / 1000
 wall = sum(int(line.split("\t")[1]) / 1000 for line in open(os.path.join(out, "wall_ms.tsv")))  # all runs into OUT
-summary = {"kind": kind, "toy": toy, "M": m, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
+summary = {"kind": kind, "toy": toy, "M": m, "critic_backbone": critic, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 rows = []
 policies = {"base": ("warm start (SFT)", "base"), "iter1": ("DAPO iteration 1", "iter1"),
             "iter1_no_critic": ("DAPO iteration 1, Q from one rollout (no critic)", "iter1/no-critic"),
@@ -170,7 +184,8 @@ summary["stage_seconds"] = seconds
 summary["wall_seconds"] = wall  # less than the sum of the stages: some ran side by side
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print("\nSMOKE RUN (DEMO_SMOKE=1): every stage shrunk to check that the pipeline runs; these numbers are not the demo's"
-      if kind == "smoke" else f"\nThe full demo (bash demo.sh), the {'varied ' if toy == 'varied' else ''}toy, M = {m}:")
+      if kind == "smoke" else f"\nThe full demo (bash demo.sh), the {'varied ' if toy == 'varied' else ''}toy, M = {m}"
+      + (", the strong critic:" if critic == "strong" else ":"))
 print(f"| policy | greedy acc | sampled acc (T=1) | critic held-out r | states / actions kept | train s |")
 print("|---|---|---|---|---|---|")
 for r in rows:

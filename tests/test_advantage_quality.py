@@ -39,6 +39,9 @@ def test_agreement_figures():
     assert aq.agreement(truth, se, truth)["pearson_r"] == pytest.approx(1.0)
     zero = aq.agreement(truth, se, [0.0] * 4)
     assert zero["sign_agreement"] == zero["opposite_sign"] == 0  # a zero estimate has no sign
+    assert (m["large"], m["large_missed"]) == (0, 0)  # no |A| > 0.5
+    big = aq.agreement([0.6, -0.8, 0.7, 0.1], se, [0.1, -0.5, -0.15, 0.0])
+    assert (big["large"], big["large_missed"]) == (3, 2)  # 0.1 and -0.15 are within 0.15 of 0; 0.1's truth is small
 
 
 def test_per_candidate_keeps_one_value_per_unique_nonempty_candidate():

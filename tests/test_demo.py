@@ -71,13 +71,17 @@ def test_the_toy_kind_and_m_are_part_of_the_folder_kind(tmp_path):
     out = tmp_path / "full"
     out.mkdir()
     (out / "demo_kind").write_text("full\n")
-    for extra in ({"DEMO_TOY": "varied"}, {"DEMO_M": "4"}):
+    for extra in ({"DEMO_TOY": "varied"}, {"DEMO_M": "4"}, {"DEMO_CRITIC": "strong"}):
         env = {**os.environ, "DEMO_SMOKE": "0", "OUT": str(out), "PYTHON": "false", **extra}
         proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and "not a full" in proc.stderr, proc.stderr
     env = {**os.environ, "DEMO_TOY": "other", "OUT": str(tmp_path / "x"), "PYTHON": "false"}
     proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "DEMO_TOY must be toy or varied" in proc.stderr and not (tmp_path / "x").exists()
+    env = {**os.environ, "DEMO_CRITIC": "big", "OUT": str(tmp_path / "x"), "PYTHON": "false"}
+    proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "DEMO_CRITIC must be policy or strong" in proc.stderr
+    assert not (tmp_path / "x").exists()
     for cores in ("0", "two", "-1"):
         env = {**os.environ, "DEMO_CORES": cores, "OUT": str(tmp_path / "x"), "PYTHON": "false"}
         proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

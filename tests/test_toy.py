@@ -4,7 +4,7 @@ import os
 import random
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 from rollout import delimiter_token_mask, split_steps
 from plumbing.models import DEFAULT_INSTRUCTION
@@ -69,3 +69,32 @@ def test_varied_toy_adds_a_free_remark_that_leaves_the_step_and_the_mistake_alon
     rng = random.Random(2)
     drawn = {"".join(prepare.solution_steps(7, [("+", 1)], rng, remarks=True)) for _ in range(200)}
     assert len(drawn) > 120  # 256 remarks, drawn uniformly: 200 draws give about 139 distinct texts
+
+
+def test_strong_critic_tokenizer_is_another_that_reads_the_policys_text(tmp_path):
+    """prepare.py --strong_critic true: out_dir/strong/ alone (the task files and sft/ untouched), a backbone with
+    a tokenizer of its own (whole words and numbers), which the critic's mapping reads the policy's text with."""
+    from plumbing.models import load_tokenizer
+    from plumbing.retokenize import critic_tokens
+
+    run_script("data/toy/prepare.py", "--out_dir", str(tmp_path), "--strong_critic", "true", "--strong_examples",
+               "64", "--sft_batch_size", "32", "--strong_hidden_size", "32", "--strong_layers", "1")
+    assert sorted(os.listdir(tmp_path)) == ["strong"]
+    prepare.CFG = prepare.Config()
+    rng = random.Random(0)
+    policy_tok = prepare.build_tokenizer(prepare.vocabulary_corpus())
+    strong_tok = load_tokenizer(str(tmp_path / "strong"))
+    assert strong_tok.convert_ids_to_tokens(strong_tok("Multiply: 12*3 Adx").input_ids) == ["Multiply", ":", " ", "12",
+                                                                                             "*", "3", " ", "Ad", "x"]
+    tokens = critic_tokens(policy_tok, strong_tok, "solutions.jsonl")
+    assert tokens is not None  # not the policy's tokenizer: the critic reads the text
+    start, ops = prepare.make_problem(rng)
+    steps = prepare.solution_steps(start, ops, rng, trap_error=0.5)
+    prompt = prepare.build_prompt_ids(policy_tok, prepare.question_text(start, ops), DEFAULT_INSTRUCTION)
+    ids = prompt + policy_tok("".join(steps)).input_ids
+    ends = [len(prompt) + len(policy_tok("".join(steps[:t])).input_ids) for t in range(len(steps))]
+    rows = tokens.solutions([{"qid": "q", "ids": ids, "value_positions": [e - 1 for e in ends],
+                              "mc_values": [0.5] * len(ends)}])
+    assert len(rows) == 1 and strong_tok.unk_token_id not in rows[0]["ids"]  # every boundary at a critic token's end
+    assert [strong_tok.decode(rows[0]["ids"][: p + 1]) for p in rows[0]["value_positions"]] == \
+        [policy_tok.decode(ids[:e]) for e in ends]

@@ -11,9 +11,13 @@ For a rollout of rollout.py, its critic (critic.py) and pi_ref (the policy that 
        critic       Q = V_phi(s . a) (dapo.q_values), eq. 13: what dapo.py trains on
        one rollout  Q = the reward of the candidate's own completion (dapo.rollout_q_values, --q_source rollout)
        MC baseline  Q = V_phi(s . a) as for the critic, minus the state's MC label V_hat(s) instead of the mean Q
+       strong critic  (with --strong_critic) as critic, from a second critic directory, e.g. one on the backbone of
+                    data/toy/prepare.py --strong_critic true, which reads the policy's text in its own tokens
   5. Per estimator, over the unique candidates (one advantage each, as dapo.training_set keeps them): Pearson r
      with the true advantage, mean squared error, and sign agreement where the true advantage is clearly not
-     zero (|A| > 2 SE); the same split by candidates drawn once and drawn more than once; a scatter plot.
+     zero (|A| > 2 SE); the large advantages missed (|true A| > 0.5, estimate within +-0.15 of 0: on the toy
+     mostly random slips, a wrong sum or an operand copied wrong); the same split by candidates drawn once and
+     drawn more than once; a scatter plot.
 
     python data/toy/advantage_quality.py --rollout_dir runs/toy/iter1/rollout --critic runs/toy/iter1/critic \\
         --policy runs/toy/sft --out_dir runs/toy/iter1/advantage_quality
@@ -38,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from plumbing.cli import arg, InputError, parse_config, progress, run  # noqa: E402
 from plumbing.generation import generate  # noqa: E402
 from plumbing.models import eos_token_ids, load_causal_lm, load_tokenizer  # noqa: E402
+from plumbing.retokenize import critic_tokens  # noqa: E402
 from plumbing.runfiles import append_jsonl, check_rerun, read_shard, write_json_atomic  # noqa: E402
 from critic import action_values, load_critic  # noqa: E402
 from dapo import compute_advantages, q_values, read_states, rollout_q_values  # noqa: E402
@@ -51,6 +56,8 @@ ESTIMATORS = ("critic", "one rollout", "MC baseline")
 class Config:
     rollout_dir: str = arg("runs/toy/iter1/rollout", "rollout.py output directory (states.jsonl, summary.json)")
     critic: str = arg("runs/toy/iter1/critic", "the critic trained on that rollout (critic.py)")
+    strong_critic: str = arg("", "a second critic trained on that rollout, measured beside the first (e.g. on the "
+                                 "backbone of data/toy/prepare.py --strong_critic true; its own tokenizer is fine)")
     policy: str = arg("runs/toy/sft", "pi_ref: the policy that generated the rollout; it samples the true Q")
     data: str = arg("", "the rollout's question file, when its recorded path (summary.json) does not resolve here")
     out_dir: str = arg("runs/toy/iter1/advantage_quality", "where true_q.jsonl, summary.json and the figure go")
@@ -123,11 +130,24 @@ def true_advantages(state: dict, record: dict) -> tuple[list[float], list[float]
 
 
 # ============================================================================= the figures
-def estimated_advantages(states: list[dict], critic_q: list[list[float]]) -> dict[str, list[list[float]]]:
+def critic_q_values(path: str, policy_tok, states: list[dict], where: str) -> list[list[float]]:
+    """Q = V_phi(s . a) for the non-terminal candidates (dapo.q_values), from the critic directory at path; a
+    critic with its own tokenizer reads the text of s . a (plumbing/retokenize.py), as in dapo.py."""
+    critic = load_critic(path, torch.device("cpu"))
+    tokens = critic_tokens(policy_tok, load_tokenizer(path), where)
+    values = lambda asked: action_values(critic, asked)  # noqa: E731
+    return q_values(states, tokens.through(values) if tokens else values)
+
+
+def estimated_advantages(states: list[dict], critic_q: list[list[float]],
+                         strong_q: list[list[float]] | None = None) -> dict[str, list[list[float]]]:
     """Step 4: per estimator, the advantage of each of the M candidates of every state."""
     eq13 = lambda q: [compute_advantages(torch.tensor(qs, dtype=torch.float64)).tolist() for qs in q]  # noqa: E731
-    return {"critic": eq13(critic_q), "one rollout": eq13(rollout_q_values(states)),
-            "MC baseline": [[qa - s["mc_value"] for qa in qs] for s, qs in zip(states, critic_q)]}
+    out = {"critic": eq13(critic_q), "one rollout": eq13(rollout_q_values(states)),
+           "MC baseline": [[qa - s["mc_value"] for qa in qs] for s, qs in zip(states, critic_q)]}
+    if strong_q is not None:
+        out["strong critic"] = eq13(strong_q)
+    return out
 
 
 def per_candidate(states: list[dict], values: list[list[float]]) -> list[float]:
@@ -143,16 +163,19 @@ def per_candidate(states: list[dict], values: list[list[float]]) -> list[float]:
 
 def agreement(truth: list[float], se: list[float], estimate: list[float]) -> dict:
     """Pearson r, MSE, and where the truth is clearly not zero (|A| > 2 SE) the share of estimates of its sign
-    (an estimate of 0 has none: it does not move the actor) and of the opposite sign (it moves the actor wrong)."""
+    (an estimate of 0 has none: it does not move the actor) and of the opposite sign (it moves the actor wrong);
+    of the large true advantages (|A| > 0.5), how many the estimate misses (within +-0.15 of 0)."""
     n = len(truth)
     if n == 0:
-        return {"candidates": 0, "pearson_r": None, "mse": None, "sign_agreement": None, "opposite_sign": None,
-                "clear": 0}
+        return {"candidates": 0, "large": 0, "large_missed": 0, "pearson_r": None, "mse": None, "sign_agreement": None,
+                "opposite_sign": None, "clear": 0}
     mt, me = sum(truth) / n, sum(estimate) / n
     cov = sum((t - mt) * (e - me) for t, e in zip(truth, estimate))
     vt, ve = sum((t - mt) ** 2 for t in truth), sum((e - me) ** 2 for e in estimate)
     clear = [(t, e) for t, s, e in zip(truth, se, estimate) if abs(t) > 2 * s and abs(t) > 1e-9]
-    return {"candidates": n, "pearson_r": cov / math.sqrt(vt * ve) if vt > 1e-12 and ve > 1e-12 else None,
+    large = [e for t, e in zip(truth, estimate) if abs(t) > 0.5]
+    return {"candidates": n, "large": len(large), "large_missed": sum(abs(e) <= 0.15 for e in large),
+            "pearson_r": cov / math.sqrt(vt * ve) if vt > 1e-12 and ve > 1e-12 else None,
             "mse": sum((t - e) ** 2 for t, e in zip(truth, estimate)) / n,
             "sign_agreement": sum(t * e > 0 for t, e in clear) / len(clear) if clear else None,
             "opposite_sign": sum(t * e < 0 for t, e in clear) / len(clear) if clear else None, "clear": len(clear)}
@@ -246,10 +269,12 @@ def main() -> None:
     # 3-5. The true advantage against each estimator.
     sample = [states[i] for i in chosen]
     truth_adv, truth_se = zip(*(true_advantages(s, done[s["_line"]]) for s in sample))
-    critic = load_critic(cfg.critic, torch.device("cpu"))
-    critic_q = q_values(sample, lambda asked: action_values(critic, asked))
+    where = os.path.join(cfg.rollout_dir, "states.jsonl")
+    critic_q = critic_q_values(cfg.critic, tok, sample, where)
+    strong_q = critic_q_values(cfg.strong_critic, tok, sample, where) if cfg.strong_critic else None
     truth, se = per_candidate(sample, truth_adv), per_candidate(sample, truth_se)
-    estimates = {name: per_candidate(sample, adv) for name, adv in estimated_advantages(sample, critic_q).items()}
+    estimates = {name: per_candidate(sample, adv)
+                 for name, adv in estimated_advantages(sample, critic_q, strong_q).items()}
     counts = per_candidate(sample, [[len(unique_candidates(s)[tuple(a["ids"])]) for a in s["actions"]] for s in sample])
     q_se = [c["se"] for s in sample for c in done[s["_line"]]["candidates"] if not c["terminal"]]
     figures = {}
@@ -275,13 +300,13 @@ def main() -> None:
           f"{summary['max_se_true_q']:.3f}); true A: SE mean {summary['mean_se_true_advantage']:.3f}, mean SE^2 "
           f"{summary['mean_se2_true_advantage']:.4f}, MSE of A = 0: {summary['mse_of_zero']:.4f}")
     print(f"{len(sample)} states, {len(truth)} unique candidates ({sum(c == 1 for c in counts)} drawn once)\n")
-    print("| estimator | r | MSE | right sign / opposite sign (of n with |A| > 2 SE) | MSE, drawn once | "
-          "MSE, drawn more |")
-    print("|---|---|---|---|---|---|")
+    print("| estimator | r | MSE | right sign / opposite sign (of n with |A| > 2 SE) | missed (|A| > 0.5, estimate "
+          "within 0.15 of 0) | MSE, drawn once | MSE, drawn more |")
+    print("|---|---|---|---|---|---|---|")
     for name, f in figures.items():
         a = f["all"]
         print(f"| {name} | {fmt(a['pearson_r'])} | {fmt(a['mse'], 4)} | {fmt(a['sign_agreement'])} / "
-              f"{fmt(a['opposite_sign'])} (n {a['clear']}) | "
+              f"{fmt(a['opposite_sign'])} (n {a['clear']}) | {a['large_missed']} of {a['large']} | "
               f"{fmt(f['drawn_once']['mse'], 4)} ({f['drawn_once']['candidates']}) | "
               f"{fmt(f['drawn_more']['mse'], 4)} ({f['drawn_more']['candidates']}) |")
     plot(os.path.join(cfg.out_dir, "advantage_quality.png"), truth, se, estimates,

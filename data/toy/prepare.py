@@ -26,6 +26,12 @@ really a mean over many. With --varied true every step of the warm start's data 
 words drawn at random ("Add: 3+2=5 calm river"), which does not change its value: sampled steps are then nearly
 all distinct, while the planted mistake stays. The default toy is unchanged by the option (same seed, same files).
 
+The strong critic (--strong_critic true) writes only out_dir/strong/: the backbone of a critic better at the task
+than the policy, trained like the warm start on correct solutions only (no planted mistake), wider and deeper,
+with a tokenizer of its own (STRONG_PRETOKENIZE), so that critic.py and dapo.py give it the policy's text in its
+own tokens (plumbing/retokenize.py), as the paper's Qwen2.5-Math critic reads a Llama policy's. docs/toy.md, "A
+critic stronger than the policy", measures what it buys.
+
 Why each step names its operation. The critic must see, at every state, whether an earlier step went wrong.
 With the name in the step, a sign mistake is visible inside the step itself ("Subtract: 5+2"); without it, a
 3-layer critic has to line step i up with the i-th operation of the question, which it learns less well from
@@ -55,6 +61,10 @@ NAMES = {"+": "Add: ", "-": "Subtract: ", "*": "Multiply: "}  # each step starts
 # Words get their own tokens (with a leading space), so do a step's operation name ("Subtract: ") and \boxed{;
 # anything else is one character.
 PRETOKENIZE = r"\\boxed\{|[A-Za-z]+: | ?[A-Za-z]+|[\s\S]"
+# The strong critic's backbone (--strong_critic true) has a tokenizer of its own, a BPE over characters whose merges
+# make every word of the task (without its space) and every number below 100 one token; any other text is spelled
+# in smaller pieces, so it encodes whatever the policy writes. Its ids mean nothing to the policy's tokenizer.
+STRONG_PRETOKENIZE = r"\\boxed\{|[A-Za-z]+|\d+|[\s\S]"
 # The varied toy (--varied true): every step ends with a remark of two free words, drawn uniformly from 16 x 16 = 256,
 # that says nothing about the step's value. Two sampled steps are then rarely the same text, as with a real model.
 REMARK_WORDS = (("calm", "bold", "quick", "plain", "neat", "brief", "fair", "keen",
@@ -83,6 +93,12 @@ class Config:
     num_heads: int = arg(4, "tiny Llama attention heads")
     instruction: str = arg(DEFAULT_INSTRUCTION, "instruction appended to every question (as for a real model)")
     seed: int = arg(0, "seed of the warm start; the train / test problems use seed+1 / seed+2")
+    strong_critic: bool = arg(False, "build only out_dir/strong/, the backbone of a critic stronger than the policy "
+                                     "(docs/toy.md): correct solutions only, --strong_* sizes, its own tokenizer "
+                                     "(whole words and numbers); train.jsonl, test.jsonl and sft/ are left as they are")
+    strong_hidden_size: int = arg(160, "--strong_critic: width of its Llama")
+    strong_layers: int = arg(4, "--strong_critic: depth of its Llama")
+    strong_examples: int = arg(24000, "--strong_critic: its correct worked solutions (language-model training)")
 
 
 # ----------------------------------------------------------------------------- problems
@@ -158,6 +174,25 @@ def build_tokenizer(corpus: list[str]):
                                    unk_token="<unk>")
 
 
+def build_strong_tokenizer(corpus: list[str]):
+    """The strong critic's tokenizer (STRONG_PRETOKENIZE): a BPE trained on the corpus and the numbers 0-99 until
+    every piece is one token, over every printable character and the line end, so decode(encode(x)) == x for any
+    text the policy can write."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(STRONG_PRETOKENIZE), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=4096, min_frequency=1, special_tokens=specials, initial_alphabet=chars,
+                                  show_progress=False)
+    tk.train_from_iterator(corpus + [str(n) for n in range(100)], trainer)
+    tk.decoder = decoders.Fuse()  # concatenate the pieces back: decode(encode(x)) == x
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def build_model(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -220,24 +255,50 @@ def warm_start(model, tok) -> None:
     model.eval()
 
 
+def strong_critic_backbone(corpus: list[str], t0: float) -> None:
+    """--strong_critic: out_dir/strong/, a backbone better at the task than the policy, for critic.py --init. The
+    same warm start, but on correct worked solutions only (no planted mistake: trap_error 0; the varied toy's
+    remarks kept), wider, deeper and longer, with its own tokenizer, so that the critic reads the policy's text
+    (plumbing/retokenize.py), as the paper's Qwen2.5-Math critic reads a Llama policy's."""
+    global CFG
+    CFG = dataclasses.replace(CFG, trap_error=0.0, hidden_size=CFG.strong_hidden_size, num_layers=CFG.strong_layers,
+                              sft_examples=CFG.strong_examples, seed=CFG.seed + 7)
+    tok = build_strong_tokenizer(corpus)
+    model = build_model(tok)
+    print(f"strong critic backbone: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab "
+          f"{len(tok)} (its own tokenizer), correct solutions only")
+    warm_start(model, tok)
+    with atomic_dir(os.path.join(CFG.out_dir, "strong")) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"wrote the strong critic's backbone to {os.path.join(CFG.out_dir, 'strong')} in {time.time() - t0:.0f}s")
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every word the task and the instruction can use."""
+    rng = random.Random(0)
+    corpus = [CFG.instruction, "\\boxed{}", *(question_text(*make_problem(rng)) for _ in range(200))]
+    corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS] + list(NAMES.values())
+    if CFG.varied:
+        corpus += [f" {w}" for words in REMARK_WORDS for w in words]
+    return corpus
+
+
 def main() -> None:
     global CFG
     CFG = parse_config(Config)
     t0 = time.time()
     set_seed(CFG.seed)
     os.makedirs(CFG.out_dir, exist_ok=True)
+    if CFG.strong_critic:
+        strong_critic_backbone(vocabulary_corpus(), t0)
+        return
     train = make_split(CFG.num_train, CFG.seed + 1)
     test = make_split(CFG.num_test, CFG.seed + 2, exclude={r["question"] for r in train})
     write_jsonl_atomic(os.path.join(CFG.out_dir, "train.jsonl"), train)
     write_jsonl_atomic(os.path.join(CFG.out_dir, "test.jsonl"), test)
 
-    # The vocabulary covers every word the task and the instruction can use.
-    rng = random.Random(0)
-    corpus = [CFG.instruction, "\\boxed{}", *(question_text(*make_problem(rng)) for _ in range(200))]
-    corpus += [f"Start with 0. {OPS[op].format(k=1)}" for op in OPS] + list(NAMES.values())
-    if CFG.varied:
-        corpus += [f" {w}" for words in REMARK_WORDS for w in words]
-    tok = build_tokenizer(corpus)
+    tok = build_tokenizer(vocabulary_corpus())  # the vocabulary covers every word the task and instruction can use
     model = build_model(tok)
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
     warm_start(model, tok)
