@@ -10,6 +10,7 @@ import torch
 import critic as C
 import dapo
 from plumbing.cli import InputError, parse_config
+from plumbing.distributed import Dist
 from plumbing.models import load_tokenizer
 from plumbing.retokenize import critic_tokens, same_tokenizer
 from conftest import run_script, tiny_random_llama
@@ -167,7 +168,7 @@ def test_q_pass_reads_the_text_of_each_state_and_action(dirs, tmp_path):
         cfg = parse_config(dapo.Config, ["--policy", dirs["policy"], "--critic", str(tmp_path / "critic"),
                                          "--rollout_dir", dirs["rollout"], "--packing", packing,
                                          "--critic_batch_size", "4"])
-        q = dapo.critic_q_values(cfg, torch.device("cpu"), states)
+        q = dapo.critic_q_values(cfg, Dist(0, 1, 0, torch.device("cpu")), states)
         shared = 0
         for s, q_s in zip(states, q, strict=True):
             for a, value in zip(s["actions"], q_s, strict=True):
@@ -199,7 +200,7 @@ def test_critic_py_and_dapo_py_run_with_the_critic_of_another_tokenizer(dirs, tm
     states = dapo.read_states(os.path.join(dirs["rollout"], "states.jsonl"), completion_rewards=False)
     cfg = parse_config(dapo.Config, ["--policy", dirs["policy"], "--critic", str(out), "--rollout_dir",
                                      dirs["rollout"]])
-    q = dapo.critic_q_values(cfg, torch.device("cpu"), states)
+    q = dapo.critic_q_values(cfg, Dist(0, 1, 0, torch.device("cpu")), states)
     s, a = states[1], states[1]["actions"][1]
     want = alone(critic, critic_tok, policy_tok.decode(s["state_ids"] + a["ids"]))
     assert abs(q[1][1] - want) <= 1e-6
@@ -251,7 +252,7 @@ def test_a_pair_that_cannot_be_mapped_is_refused(dirs, tmp_path):
                                      "--rollout_dir", dirs["rollout"]])
     states = dapo.read_states(os.path.join(dirs["rollout"], "states.jsonl"), completion_rewards=False)
     with pytest.raises(InputError, match=r"states.jsonl: the critic's tokenizer does not give back the text"):
-        dapo.critic_q_values(cfg, torch.device("cpu"), states)
+        dapo.critic_q_values(cfg, Dist(0, 1, 0, torch.device("cpu")), states)
     proc = run_script("critic.py", "--rollout_dir", dirs["rollout"], "--init", backbone, "--out_dir",
                       str(tmp_path / "c2"), "--batch_size", "1", "--micro_batch_size", "1", check=False)
     assert proc.returncode != 0 and "does not give back the text" in proc.stderr
@@ -292,7 +293,7 @@ def test_advantage_quality_asks_a_critic_of_another_tokenizer_as_dapo_does(dirs,
     got = aq.critic_q_values(str(tmp_path / "critic"), load_tokenizer(dirs["policy"]), states, where)
     cfg = parse_config(dapo.Config, ["--policy", dirs["policy"], "--critic", str(tmp_path / "critic"),
                                      "--rollout_dir", dirs["rollout"]])
-    want = dapo.critic_q_values(cfg, torch.device("cpu"), states)
+    want = dapo.critic_q_values(cfg, Dist(0, 1, 0, torch.device("cpu")), states)
     assert torch.tensor([v for q in got for v in q]).std() > 1e-3
     torch.testing.assert_close(torch.tensor([v for q in got for v in q]), torch.tensor([v for q in want for v in q]),
                                rtol=0, atol=1e-6)
