@@ -33,11 +33,13 @@ GSM8K = [
                "0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"},
 ]
 
-# Runs in a fresh interpreter in which the GGUF packages cannot be imported.
+# Runs in a fresh interpreter in which the GGUF packages cannot be imported (nor peft, another optional extra, which
+# needs accelerate and which transformers imports when it is installed).
 LOAD_WITHOUT_GGUF = """
 import sys
 sys.modules["gguf"] = None  # import gguf now raises ImportError
 sys.modules["accelerate"] = None
+sys.modules["peft"] = None
 import torch, critic
 from plumbing import generation, models
 tok = models.load_tokenizer(sys.argv[1])
