@@ -85,8 +85,12 @@ def run(main: Callable[[], Any]) -> None:
         main()
         # Free what main() left in reference cycles (an FSDP model, its optimizer) while the interpreter is whole: torn
         # down during interpreter exit instead, their process-group threads have aborted a rank after its work was
-        # written ("terminate called without an active exception", seen in CI under torchrun --fsdp).
+        # written ("terminate called without an active exception", seen in CI under torchrun --fsdp). Only then the
+        # process group goes: its models (a DDP reducer) are freed before it, never after.
         gc.collect()
+        from plumbing.distributed import destroy_distributed
+
+        destroy_distributed()
     except InputError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr, flush=True)  # one line, whatever it wraps
         if dist.is_initialized():

@@ -67,8 +67,17 @@ def setup_distributed() -> Dist:
 
 
 def cleanup_distributed() -> None:
+    """The end of a script's work under torchrun: every rank waits for the others (rank 0 may still be writing).
+    The process group itself is destroyed by plumbing.cli.run once main() has returned and what it held is freed
+    (destroy_distributed): a DDP model's reducer that outlives its process group deadlocks or aborts in its
+    destructor (seen in CI: a rank hung in ~ProcessGroupGloo after its work was written)."""
     if dist.is_initialized() and int(os.environ.get("RANK", -1)) != -1:  # the ranks' group, not one vLLM made here
         dist.barrier()
+
+
+def destroy_distributed() -> None:
+    """Destroy the ranks' process group (not one vLLM made here), last: after every model that holds it is freed."""
+    if dist.is_initialized() and int(os.environ.get("RANK", -1)) != -1:
         dist.destroy_process_group()
 
 
