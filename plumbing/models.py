@@ -271,7 +271,7 @@ def safetensors_files(path: str) -> list[str] | None:
 
 class CheckpointTensors:
     """The tensors of a checkpoint by name, read one at a time (rank 0 only). From its safetensors files,
-    memory-mapped: a tensor read becomes anonymous memory only as the fp32 copy that is broadcast. Where there
+    memory-mapped: a tensor read becomes anonymous memory only as the copy that is broadcast. Where there
     are none (a GGUF file, .bin weights), or a parameter of the model is not found with its shape (a checkpoint
     that transformers converts while loading), the whole model is loaded once, by rank 0, and read from.
     required: the model's parameters and their shapes; optional: its persistent buffers (filled when found)."""
