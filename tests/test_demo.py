@@ -53,6 +53,26 @@ def test_demo_smoke_writes_complete_summary(tmp_path):
     assert again.returncode == 0 and again.stdout.count("done already") == 12, again.stdout[-2000:]
 
 
+def test_demo_smoke_with_the_strong_critic(tmp_path):
+    """DEMO_CRITIC=strong, every stage shrunk: the critic of both iterations starts from prepare.py's strong backbone,
+    which has its own tokenizer, so critic.py and dapo.py read the policy's text in the critic's tokens."""
+    out = tmp_path / "strong"
+    env = {**os.environ, "DEMO_SMOKE": "1", "DEMO_CRITIC": "strong", "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["critic_backbone"] == "strong" and (out / "demo_kind").read_text().strip() == "smoke critic=strong"
+    assert all(0.0 <= summary[p]["sampled_acc"] <= 1.0 for p in ("base", "iter1", "iter1_no_critic", "iter2"))
+    strong_tokenizer = (out / "strong" / "tokenizer.json").read_text()
+    assert strong_tokenizer != (out / "sft" / "tokenizer.json").read_text()
+    for it in ("iter1", "iter2"):
+        tokens = json.loads((out / it / "critic" / "metrics.json").read_text())["tokens"]
+        assert tokens["critic_reads"].startswith("its own tokens"), tokens
+        assert tokens["policy_vocabulary"] != tokens["critic_vocabulary"]
+        assert (out / it / "critic" / "tokenizer.json").read_text() == strong_tokenizer  # the critic's own, kept
+        assert (out / it / "actor" / "model.safetensors").exists()  # dapo.py asked that critic for Q
+
+
 def test_a_folder_of_the_other_kind_is_refused(tmp_path):
     # A smoke run's folder must not pass for the full demo (nor the other way), nor a folder of unknown kind.
     for folder, kind, smoke in [("smoke", "smoke\n", "0"), ("full", "full\n", "1"), ("unknown", None, "0")]:
